@@ -1,0 +1,281 @@
+"""The imgsim command: train, index, serve, demo."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import textwrap
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from index.errors import IndexProblem
+from models.backbones import BACKBONES, DEFAULT_BACKBONE
+from models.devices import DEVICES
+from models.errors import ImgsimError
+from models.network import HEADS
+from models.training import TrainConfig
+
+log = logging.getLogger("imgsim")
+
+DESCRIPTION = """\
+Fine-tune an ImageNet CNN on a folder of labelled images (one subfolder per class), index a
+collection with FAISS, and serve POST /classify and POST /similar.
+
+  imgsim train  DATA_DIR --out BUNDLE       fine-tune; DATA_DIR has one subfolder per class
+  imgsim index  GALLERY_DIR --model BUNDLE  embed a folder into an index (default BUNDLE/index)
+  imgsim serve  --model BUNDLE              serve it on http://127.0.0.1:8000 (docs at /docs)
+  imgsim demo                               sample data -> train -> index -> serve
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the imgsim console script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader logs every import
+    try:
+        args.run(args)
+    except (ImgsimError, IndexProblem, ValueError, ValidationError) as err:
+        print(_paragraph(f"imgsim {args.command}: {_message(err)}"), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def _message(err: Exception) -> str:
+    if isinstance(err, ValidationError):
+        return "; ".join(e["msg"] for e in err.errors())
+    return str(err)
+
+
+def _paragraph(text: str) -> str:
+    return textwrap.fill(text, width=100, break_on_hyphens=False, break_long_words=False)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with one sub-command per stage."""
+    parser = argparse.ArgumentParser(
+        prog="imgsim", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _train_parser(commands)
+    _index_parser(commands)
+    _serve_parser(commands)
+    _demo_parser(commands)
+    return parser
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--backbone",
+        default=DEFAULT_BACKBONE,
+        choices=list(BACKBONES),
+        help="torchvision backbone (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--weights",
+        default="imagenet",
+        metavar="imagenet|none|PATH",
+        help="start from ImageNet weights (torchvision cache under TORCH_HOME), random weights, "
+        "or a state-dict file (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--device",
+        default="auto",
+        choices=DEVICES,
+        help="auto = the GPU when present (default: %(default)s)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+
+
+def _training_options(parser: argparse.ArgumentParser, epochs: int, warmup: int) -> None:
+    parser.add_argument(
+        "--epochs", type=_positive, default=epochs, help="total epochs (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--warmup-epochs",
+        type=int,
+        default=warmup,
+        help="head-only epochs before fine-tuning everything (default: %(default)s)",
+    )
+    parser.add_argument("--batch-size", type=_positive, default=32, help="(default: %(default)s)")
+    parser.add_argument(
+        "--lr",
+        type=float,
+        default=1e-3,
+        help="head learning rate; the backbone gets --backbone-lr-factor of it "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--backbone-lr-factor", type=float, default=0.1, help="(default: %(default)s)"
+    )
+    parser.add_argument(
+        "--embed-dim",
+        type=_positive,
+        default=None,
+        help="project the pooled features to this size (default: keep them)",
+    )
+    parser.add_argument(
+        "--head",
+        choices=HEADS,
+        default="cosine",
+        help="classifier over the embedding (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.2,
+        help="share of each class held out when DATA_DIR has no train/ and val/ "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--workers", type=int, default=2, help="DataLoader worker processes (default: %(default)s)"
+    )
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text}")
+    return value
+
+
+def _train_config(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(
+        backbone=args.backbone,
+        weights=args.weights,
+        epochs=args.epochs,
+        warmup_epochs=min(args.warmup_epochs, args.epochs),
+        batch_size=args.batch_size,
+        lr=args.lr,
+        backbone_lr_factor=args.backbone_lr_factor,
+        embed_dim=args.embed_dim,
+        head=args.head,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        device=args.device,
+        workers=args.workers,
+    )
+
+
+def _train_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "train",
+        help="fine-tune on a folder of class subfolders",
+        description="Fine-tune a backbone on DATA_DIR (one subfolder per "
+        "class, or train/ and val/ each with class subfolders) and save "
+        "the best epoch as a bundle.",
+    )
+    parser.add_argument("data_dir", type=Path, metavar="DATA_DIR")
+    parser.add_argument(
+        "--out", type=Path, required=True, metavar="BUNDLE", help="folder to write the bundle to"
+    )
+    _common(parser)
+    _training_options(parser, epochs=10, warmup=2)
+    parser.set_defaults(run=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> None:
+    from models.training import train
+
+    bundle = train(args.data_dir, args.out, _train_config(args))
+    print(f"bundle written to {args.out} (model {bundle.fingerprint})")
+
+
+def _index_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "index",
+        help="embed a folder of images into a FAISS index",
+        description="Embed every image below GALLERY_DIR (labels from "
+        "its subfolders) into an index. Without --model, the backbone's "
+        "ImageNet model is used.",
+    )
+    parser.add_argument("gallery_dir", type=Path, metavar="GALLERY_DIR")
+    parser.add_argument("--model", type=Path, metavar="BUNDLE", help="trained bundle folder")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        metavar="DIR",
+        help="index folder (default: BUNDLE/index, or ./index-BACKBONE)",
+    )
+    parser.add_argument("--batch-size", type=_positive, default=32, help="(default: %(default)s)")
+    parser.add_argument("--workers", type=int, default=2, help="(default: %(default)s)")
+    _common(parser)
+    parser.set_defaults(run=_run_index)
+
+
+def _run_index(args: argparse.Namespace) -> None:
+    from app.stages import index_folder
+    from models.bundle import Bundle
+
+    if args.model is not None:
+        bundle = Bundle.load(args.model, args.device)
+    else:
+        bundle = Bundle.pretrained(args.backbone, args.weights, args.device)
+    out = args.out or (args.model / "index" if args.model else Path(f"index-{args.backbone}"))
+    gallery = index_folder(args.gallery_dir, bundle, out, args.batch_size, args.workers)
+    print(f"indexed {len(gallery)} images into {out} (model {bundle.fingerprint})")
+
+
+def _serve_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "serve",
+        help="serve /classify and /similar over HTTP",
+        description="Serve a bundle and its index. Without --model, "
+        "serves the backbone's ImageNet classes, and /similar over "
+        "--index if given (built with the same backbone).",
+    )
+    parser.add_argument("--model", type=Path, metavar="BUNDLE", help="trained bundle folder")
+    parser.add_argument(
+        "--index",
+        type=Path,
+        metavar="DIR",
+        help="index folder (default: BUNDLE/index when it exists)",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="(default: %(default)s)")
+    parser.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
+    _common(parser)
+    parser.set_defaults(run=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> None:
+    from app.settings import Settings
+    from app.stages import serve
+
+    settings = Settings(
+        bundle_dir=args.model,
+        index_dir=args.index,
+        backbone=args.backbone,
+        weights=args.weights,
+        device=args.device,
+    )
+    serve(settings, args.host, args.port)
+
+
+def _demo_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "demo",
+        help="the built-in default: sample data, train, serve",
+        description="Generate a small dataset of shapes, fine-tune briefly, index it and serve it.",
+    )
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path("imgsim-demo"),
+        help="where data and bundle go (default: %(default)s)",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="(default: %(default)s)")
+    parser.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
+    parser.add_argument("--no-serve", action="store_true", help="stop after indexing")
+    _common(parser)
+    _training_options(parser, epochs=3, warmup=1)
+    parser.set_defaults(run=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> None:
+    from app.stages import demo
+
+    demo(args.workdir, _train_config(args), args.host, args.port, serve_it=not args.no_serve)

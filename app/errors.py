@@ -1,0 +1,43 @@
+"""Domain errors mapped to HTTP status codes, in one place."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from index.errors import EmptyIndex, IndexMissing, IndexProblem, ModelMismatch
+from models.errors import ImageTooLarge, ImgsimError, UnsupportedImage
+
+
+class UploadTooLarge(ImgsimError):
+    """The request body is over the configured byte limit."""
+
+
+class NoIndex(ImgsimError):
+    """/similar was called but the service was started without an index."""
+
+
+STATUS: list[tuple[type[Exception], int]] = [  # first match wins: subclasses before bases
+    (UploadTooLarge, 413),
+    (ImageTooLarge, 413),
+    (UnsupportedImage, 422),
+    (NoIndex, 503),
+    (IndexMissing, 503),
+    (EmptyIndex, 409),
+    (ModelMismatch, 409),
+]
+
+
+def status_of(error: Exception) -> int:
+    """The HTTP status for a domain error."""
+    return next((code for kind, code in STATUS if isinstance(error, kind)), 400)
+
+
+def install(app: FastAPI) -> None:
+    """Answer every domain error with its status and {"detail": message}."""
+
+    async def handle(request: Request, error: Exception) -> JSONResponse:
+        return JSONResponse(status_code=status_of(error), content={"detail": str(error)})
+
+    app.add_exception_handler(ImgsimError, handle)
+    app.add_exception_handler(IndexProblem, handle)

@@ -1,0 +1,51 @@
+"""Service settings, read once from IMGSIM_* environment variables or given by the caller."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from models.backbones import DEFAULT_BACKBONE, check_backbone
+from models.devices import DEVICES
+from models.images import DEFAULT_MAX_PIXELS
+
+
+class Settings(BaseSettings):
+    """Where the bundle and index are, and the limits on uploads."""
+
+    model_config = SettingsConfigDict(env_prefix="IMGSIM_")
+
+    bundle_dir: Path | None = Field(None, description="trained bundle; None serves ImageNet")
+    index_dir: Path | None = Field(None, description="gallery index; default BUNDLE/index")
+    backbone: str = DEFAULT_BACKBONE
+    weights: str = "imagenet"
+    device: str = "auto"
+    max_upload_bytes: int = Field(20 * 1024 * 1024, gt=0)
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, gt=0)
+
+    @field_validator("bundle_dir")
+    @classmethod
+    def _bundle_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_dir():
+            raise ValueError(f"bundle folder {value} does not exist")
+        return value
+
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, value: str) -> str:
+        return check_backbone(value)
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if value not in DEVICES and not value.startswith("cuda:"):
+            raise ValueError(f"device must be one of {', '.join(DEVICES)}")
+        return value
+
+    def resolved_index_dir(self) -> Path | None:
+        """The index folder to serve: the one given, else BUNDLE/index when a bundle is given."""
+        if self.index_dir is not None:
+            return self.index_dir
+        return self.bundle_dir / "index" if self.bundle_dir is not None else None
