@@ -1,0 +1,230 @@
+"""Metrics against scikit-learn and hand-worked cases; the report written and read back."""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import re
+
+import numpy as np
+import pytest
+from sklearn import metrics as skm
+
+from models import metrics
+from models.report import build_report, to_jsonable, write_report
+
+NUM_CLASSES = 7
+
+
+@pytest.fixture
+def classified() -> tuple[np.ndarray, np.ndarray]:
+    """Seeded random class scores and labels, n=300, C=7."""
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, NUM_CLASSES, 300)
+    scores = rng.normal(size=(300, NUM_CLASSES))
+    scores[np.arange(300), labels] += 1.0  # better than chance, far from perfect
+    return scores, labels
+
+
+@pytest.mark.parametrize("k", [1, 2, 5])
+def test_topk_accuracy_matches_sklearn(classified: tuple[np.ndarray, np.ndarray], k: int) -> None:
+    scores, labels = classified
+    expected = skm.top_k_accuracy_score(labels, scores, k=k, labels=np.arange(NUM_CLASSES))
+    assert metrics.topk_accuracy(scores, labels, ks=(k,))[k] == pytest.approx(expected)
+
+
+def test_topk_accuracy_clips_k_and_counts_ties_against() -> None:
+    labels = np.array([0, 1, 2])
+    assert metrics.topk_accuracy(np.eye(3), labels, ks=(1, 10)) == {1: 1.0, 10: 1.0}
+    assert metrics.topk_accuracy(np.ones((3, 3)), labels, ks=(1, 2, 3)) == {1: 0.0, 2: 0.0, 3: 1.0}
+
+
+def test_confusion_and_per_class_prf_match_sklearn() -> None:
+    rng = np.random.default_rng(1)
+    # Class 5 never occurs (support 0) and class 0 is never predicted: both divide 0 by 0.
+    labels = rng.integers(0, 5, 200)
+    predicted = np.where(rng.random(200) < 0.6, np.maximum(labels, 1), rng.integers(1, 6, 200))
+    all_classes = np.arange(6)
+
+    confusion = metrics.confusion_matrix(labels, predicted, 6)
+    np.testing.assert_array_equal(
+        confusion, skm.confusion_matrix(labels, predicted, labels=all_classes)
+    )
+    expected = skm.precision_recall_fscore_support(
+        labels, predicted, labels=all_classes, zero_division=0
+    )
+    for ours, theirs in zip(metrics.per_class_prf(confusion), expected, strict=True):
+        np.testing.assert_allclose(ours, theirs)
+
+
+def test_recall_and_map_at_r_hand_example() -> None:
+    # Gallery = the queries themselves (leave-one-out): 3 items of label 0, 2 of label 1, 1 of 2.
+    counts = np.array([3, 2, 1])
+    query_labels = np.array([0, 1, 0, 2])
+    neighbour_labels = np.array(
+        [
+            [0, 1, 0],  # R=2: rel 1,0 -> (P(1)=1) / 2 = 0.5
+            [0, 1, 0],  # R=1: rank 1 misses; rank 2 is beyond R -> 0.0
+            [1, 0, 0],  # R=2: rel 0,1 -> (P(2)=1/2) / 2 = 0.25
+            [0, 0, 1],  # R=0: no other label-2 item -> left out
+        ]
+    )
+    # MAP@R = (0.5 + 0.0 + 0.25) / 3 = 0.25.
+    result = metrics.map_at_r(neighbour_labels, query_labels, counts, queries_in_gallery=True)
+    assert result == (pytest.approx(0.25), 3, 1, 0)
+    # Recall@1: only the first query hits; by rank 2 every scored query has (k=5 clips to 3).
+    recall = metrics.recall_at_k(
+        neighbour_labels, query_labels, counts, queries_in_gallery=True, ks=(1, 2, 5)
+    )
+    assert recall == pytest.approx({1: 1 / 3, 2: 1.0, 5: 1.0})
+
+
+def test_map_at_r_with_too_few_neighbours_is_a_lower_bound() -> None:
+    counts = np.array([3, 2, 1])
+    query_labels = np.array([0, 1, 0])
+    full = np.array([[0, 1, 0], [0, 1, 0], [1, 0, 0]])
+    exact = metrics.map_at_r(full, query_labels, counts, queries_in_gallery=True)
+    # One neighbour each: the third query's relevant rank 2 is cut off, 0.25 -> 0.0.
+    cut = metrics.map_at_r(full[:, :1], query_labels, counts, queries_in_gallery=True)
+    assert cut.value == pytest.approx(0.5 / 3)
+    assert cut.value < exact.value
+    assert cut.num_truncated == 2
+
+
+def _brute_force_map_at_r(hits: np.ndarray, relevant: np.ndarray) -> float:
+    """MAP@R straight from the paper's formula, one query at a time."""
+    scores = []
+    for row, r in zip(hits, relevant, strict=True):
+        if r == 0:
+            continue
+        found, total = 0, 0.0
+        for i in range(1, r + 1):
+            if i <= len(row) and row[i - 1]:
+                found += 1
+                total += found / i
+        scores.append(total / r)
+    return float(np.mean(scores))
+
+
+@pytest.mark.parametrize("queries_in_gallery", [True, False])
+def test_retrieval_metrics_match_brute_force(queries_in_gallery: bool) -> None:
+    rng = np.random.default_rng(2)
+    gallery_labels = rng.integers(0, 6, 80)
+    counts = np.bincount(gallery_labels, minlength=6)
+    if queries_in_gallery:  # leave-one-out: each gallery item queries the others
+        query_labels = gallery_labels
+        others = ~np.eye(80, dtype=bool)
+        order = np.array([rng.permutation(np.flatnonzero(row)) for row in others])
+    else:
+        query_labels = rng.integers(0, 6, 50)
+        order = np.array([rng.permutation(80) for _ in range(50)])
+    neighbour_labels = gallery_labels[order]
+    relevant = counts[query_labels] - int(queries_in_gallery)
+    hits = neighbour_labels == query_labels[:, None]
+
+    result = metrics.map_at_r(
+        neighbour_labels, query_labels, counts, queries_in_gallery=queries_in_gallery
+    )
+    assert result.value == pytest.approx(_brute_force_map_at_r(hits, relevant))
+    assert result.num_excluded == int((relevant == 0).sum())
+    assert result.num_truncated == 0
+    recall = metrics.recall_at_k(
+        neighbour_labels, query_labels, counts, queries_in_gallery=queries_in_gallery
+    )
+    scored = relevant > 0
+    for k in (1, 5, 10):
+        assert recall[k] == pytest.approx(hits[scored, :k].any(axis=1).mean())
+
+
+def test_knn_vote_weights_by_similarity_and_breaks_ties_by_nearest() -> None:
+    neighbour_labels = np.array([[2, 0, 0], [0, 1, 1], [1, 0, 0], [0, 1, 2]])
+    neighbour_scores = np.array(
+        [
+            [0.9, 0.3, 0.3],  # 0.9 for class 2 beats 0.6 for the majority class 0
+            [0.5, 0.25, 0.25],  # tie 0.5 / 0.5: class 0 holds the nearest neighbour
+            [0.5, 0.25, 0.25],  # tie again, nearest is class 1
+            [-0.1, -0.2, -0.3],  # negative similarities: an absent class (0 votes) never wins
+        ]
+    )
+    predicted = metrics.knn_vote(neighbour_labels, neighbour_scores, num_classes=4, k=3)
+    np.testing.assert_array_equal(predicted, [2, 0, 1, 0])
+    nearest_only = metrics.knn_vote(neighbour_labels, neighbour_scores, num_classes=4, k=1)
+    np.testing.assert_array_equal(nearest_only, neighbour_labels[:, 0])
+
+
+def test_calibrate_threshold_hand_case() -> None:
+    confidences = np.array([0.9, 0.8, 0.8, 0.7, 0.6, 0.5])
+    correct = np.array([True, True, False, True, True, False])
+    # Precision keeping confidence >= t: 0.9 -> 1/1, 0.8 -> 2/3, 0.7 -> 3/4, 0.6 -> 4/5, 0.5 -> 4/6.
+    assert metrics.calibrate_threshold(confidences, correct, 0.8) == 0.6
+    assert metrics.calibrate_threshold(confidences, correct, 0.75) == 0.6
+    # 0.8 would be 2/2 if the tie at 0.8 were split; a threshold keeps both, so 2/3.
+    assert metrics.calibrate_threshold(confidences, correct, 0.9) == 0.9
+    assert metrics.calibrate_threshold(confidences, correct, 0.6) == 0.5
+    assert metrics.calibrate_threshold(confidences, ~np.ones(6, bool), 0.5) is None
+    assert metrics.calibrate_threshold(np.array([]), np.array([], bool)) is None
+
+
+CLASS_NAMES = ["<b>cats & dogs</b>", "birds", "fish", "$5 bills"]
+
+
+def _evaluation_arrays() -> dict[str, np.ndarray]:
+    """Seeded embeddings of 4 classes, class scores and leave-one-out neighbours."""
+    rng = np.random.default_rng(3)
+    labels = np.repeat(np.arange(4), 10)
+    centres = rng.normal(size=(4, 16))
+    embeddings = centres[labels] + rng.normal(scale=1.2, size=(40, 16))
+    embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
+    similarities = embeddings @ embeddings.T
+    np.fill_diagonal(similarities, -np.inf)
+    order = np.argsort(-similarities, axis=1)[:, :15]
+    logits = embeddings @ (centres / np.linalg.norm(centres, axis=1, keepdims=True)).T * 5
+    scores = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    return {
+        "scores": scores,
+        "labels": labels,
+        "neighbour_labels": labels[order],
+        "neighbour_scores": np.take_along_axis(similarities, order, axis=1),
+        "gallery_label_counts": np.bincount(labels),
+    }
+
+
+HISTORY = [
+    {"epoch": 1, "phase": "warmup", "train_loss": 1.3, "val_loss": 1.1, "val_top1": 0.5,
+     "lr": 1e-3, "seconds": 2.0},
+    {"epoch": 2, "phase": "finetune", "train_loss": 0.9, "val_loss": None, "val_top1": None,
+     "lr": 1e-4, "seconds": 3.0},
+    {"epoch": 3, "phase": "finetune", "train_loss": 0.6, "val_loss": 0.7, "val_top1": 0.8,
+     "lr": 1e-4, "seconds": 3.0},
+]  # fmt: skip
+
+
+def test_build_and_write_report(tmp_path) -> None:
+    arrays = _evaluation_arrays()
+    report = build_report(
+        class_names=CLASS_NAMES, queries_in_gallery=True, bundle={"path": "b/"}, **arrays
+    )
+    assert {
+        "bundle", "num_images", "num_classes", "classes", "top1", "top5", "macro_f1", "per_class",
+        "confusion", "retrieval", "knn_top1", "knn_k", "unknown_threshold",
+    } <= report.keys()  # fmt: skip
+    assert set(report["retrieval"]) >= {"recall@1", "recall@5", "recall@10", "map@r"}
+    assert report["num_images"] == 40 and report["top5"] == 1.0  # 4 classes: top-5 clips to 4
+    assert sum(map(sum, report["confusion"])) == 40
+
+    paths = write_report(tmp_path / "out", report, HISTORY)
+    assert json.loads(paths["json"].read_text()) == report
+    page = paths["html"].read_text()
+    assert "&lt;b&gt;cats &amp; dogs&lt;/b&gt;" in page and "<b>cats" not in page
+    pictures = re.findall(r'<img alt="[^"]*" src="data:image/png;base64,([^"]+)"', page)
+    assert len(pictures) == 2
+    assert all(base64.b64decode(png).startswith(b"\x89PNG") for png in pictures)
+
+    without_history = write_report(tmp_path / "plain", report, None)["html"].read_text()
+    assert without_history.count("<img") == 1
+
+
+def test_to_jsonable_turns_numpy_and_nan_into_plain_json() -> None:
+    value = {"a": np.float32(0.5), "b": np.arange(3), "c": math.nan, 1: [np.int64(2)]}
+    assert to_jsonable(value) == {"a": 0.5, "b": [0, 1, 2], "c": None, "1": [2]}
