@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from index.errors import EmptyIndex, IndexMissing, IndexProblem, ModelMismatch
@@ -39,5 +40,13 @@ def install(app: FastAPI) -> None:
     async def handle(request: Request, error: Exception) -> JSONResponse:
         return JSONResponse(status_code=status_of(error), content={"detail": str(error)})
 
+    async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in e['loc'] if part != 'body')}: {e['msg']}"
+            for e in error.errors()
+        )
+        return JSONResponse(status_code=422, content={"detail": f"invalid request: {problems}"})
+
     app.add_exception_handler(ImgsimError, handle)
     app.add_exception_handler(IndexProblem, handle)
+    app.add_exception_handler(RequestValidationError, invalid_request)

@@ -1,0 +1,5 @@
+"""HTTP routes, one module per concern."""
+
+from app.schemas import ErrorBody
+
+ERRORS = {code: {"model": ErrorBody} for code in (400, 404, 409, 413, 422, 503)}

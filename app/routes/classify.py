@@ -1,0 +1,41 @@
+"""GET /health and POST /classify."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+
+from app.dependencies import ImageDep, ServiceDep
+from app.routes import ERRORS
+from app.schemas import ClassifyResponse, Health, Prediction
+
+router = APIRouter()
+
+
+@router.get("/health")
+def health(service: ServiceDep) -> Health:
+    """What is served: backbone, number of classes, device, model fingerprint, index size."""
+    bundle, gallery = service.bundle, service.gallery
+    return Health(
+        status="ok",
+        backbone=bundle.config.backbone,
+        classes=len(bundle.config.classes),
+        device=bundle.device,
+        model=bundle.fingerprint,
+        index_size=len(gallery) if gallery is not None else None,
+    )
+
+
+@router.post("/classify", responses=ERRORS)
+def classify(
+    service: ServiceDep, image: ImageDep, top_k: Annotated[int, Query(ge=1, le=100)] = 5
+) -> ClassifyResponse:
+    """The top_k most probable classes of the uploaded image (multipart field 'file')."""
+    probabilities, _ = service.bundle.classify(image)
+    classes = service.bundle.config.classes
+    order = probabilities[0].argsort()[::-1][:top_k]
+    predictions = [Prediction(label=classes[i], score=float(probabilities[0, i])) for i in order]
+    return ClassifyResponse(
+        label=predictions[0].label, predictions=predictions, model=service.bundle.fingerprint
+    )
