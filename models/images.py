@@ -66,5 +66,5 @@ def to_rgb(image: Image.Image) -> Image.Image:
         values = np.asarray(image, dtype=np.float32)
         top = 65535.0 if image.mode.startswith("I;16") else max(float(values.max()), 1.0)
         grey = np.clip(values / top * 255.0, 0, 255).astype(np.uint8)
-        return Image.fromarray(grey, mode="L").convert("RGB")
+        return Image.fromarray(grey).convert("RGB")
     return image.convert("RGB")

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.backbones import BACKBONES, build_torchvision_model
+from models.backbones import BACKBONES, build_torchvision_model, check_backbone
 
 HEADS = ("cosine", "linear")
 DEFAULT_TEMPERATURE = 0.05  # Zhai & Wu (BMVC 2019): normalised softmax with temperature 0.05
@@ -127,7 +127,7 @@ def build_net(
     """A fresh embedding network on a torchvision backbone with the given weights."""
     if head not in HEADS:
         raise ValueError(f"unknown head {head!r}; choose one of: {', '.join(HEADS)}")
-    family = BACKBONES[backbone]
+    family = BACKBONES[check_backbone(backbone)]
     model = build_torchvision_model(backbone, weights)
     in_dim = feature_dim(model, family)
     if family == "googlenet":
@@ -144,7 +144,7 @@ def build_net(
 
 def build_imagenet_net(backbone: str, weights: str = "imagenet") -> EmbeddingNet:
     """The pretrained classifier as an EmbeddingNet: its own 1000-class layer, no projection."""
-    family = BACKBONES[backbone]
+    family = BACKBONES[check_backbone(backbone)]
     model = build_torchvision_model(backbone, weights)
     classifier = model.classifier if family == "densenet" else model.fc
     head = EmbeddingHead(feature_dim(model, family), None)

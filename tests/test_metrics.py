@@ -191,13 +191,34 @@ def _evaluation_arrays() -> dict[str, np.ndarray]:
 
 
 HISTORY = [
-    {"epoch": 1, "phase": "warmup", "train_loss": 1.3, "val_loss": 1.1, "val_top1": 0.5,
-     "lr": 1e-3, "seconds": 2.0},
-    {"epoch": 2, "phase": "finetune", "train_loss": 0.9, "val_loss": None, "val_top1": None,
-     "lr": 1e-4, "seconds": 3.0},
-    {"epoch": 3, "phase": "finetune", "train_loss": 0.6, "val_loss": 0.7, "val_top1": 0.8,
-     "lr": 1e-4, "seconds": 3.0},
-]  # fmt: skip
+    {
+        "epoch": 1,
+        "phase": "warmup",
+        "train_loss": 1.3,
+        "val_loss": 1.1,
+        "val_top1": 0.5,
+        "lr": 1e-3,
+        "seconds": 2.0,
+    },
+    {
+        "epoch": 2,
+        "phase": "finetune",
+        "train_loss": 0.9,
+        "val_loss": None,
+        "val_top1": None,
+        "lr": 1e-4,
+        "seconds": 3.0,
+    },
+    {
+        "epoch": 3,
+        "phase": "finetune",
+        "train_loss": 0.6,
+        "val_loss": 0.7,
+        "val_top1": 0.8,
+        "lr": 1e-4,
+        "seconds": 3.0,
+    },
+]
 
 
 def test_build_and_write_report(tmp_path) -> None:
@@ -206,9 +227,20 @@ def test_build_and_write_report(tmp_path) -> None:
         class_names=CLASS_NAMES, queries_in_gallery=True, bundle={"path": "b/"}, **arrays
     )
     assert {
-        "bundle", "num_images", "num_classes", "classes", "top1", "top5", "macro_f1", "per_class",
-        "confusion", "retrieval", "knn_top1", "knn_k", "unknown_threshold",
-    } <= report.keys()  # fmt: skip
+        "bundle",
+        "num_images",
+        "num_classes",
+        "classes",
+        "top1",
+        "top5",
+        "macro_f1",
+        "per_class",
+        "confusion",
+        "retrieval",
+        "knn_top1",
+        "knn_k",
+        "unknown_threshold",
+    } <= report.keys()
     assert set(report["retrieval"]) >= {"recall@1", "recall@5", "recall@10", "map@r"}
     assert report["num_images"] == 40 and report["top5"] == 1.0  # 4 classes: top-5 clips to 4
     assert sum(map(sum, report["confusion"])) == 40

@@ -1,0 +1,39 @@
+"""Shared fixtures: a small generated dataset and one tiny trained bundle for the session."""
+
+from __future__ import annotations
+
+import urllib.error
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.samples import make_sample_dataset
+from models.training import TrainConfig, train
+
+TINY = {"backbone": "resnet18", "weights": "none", "device": "cpu", "workers": 0}
+
+
+@pytest.fixture(autouse=True)
+def _no_downloads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test reaches the network: a download fails as it does offline."""
+
+    def offline(url: str, *args: object, **kwargs: object) -> None:
+        raise urllib.error.URLError(f"offline test: not downloading {url}")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+
+
+@pytest.fixture(scope="session")
+def shapes_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Four classes of generated shapes, 10 images each."""
+    return make_sample_dataset(tmp_path_factory.mktemp("shapes"), per_class=10, size=64)
+
+
+@pytest.fixture(scope="session")
+def trained_bundle_dir(shapes_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A resnet18 bundle trained for two short epochs on the shapes (no pretrained weights)."""
+    out = tmp_path_factory.mktemp("bundle")
+    config = TrainConfig(**TINY, epochs=2, warmup_epochs=1, batch_size=8, embed_dim=32, seed=0)
+    train(shapes_dir, out, config)
+    return out

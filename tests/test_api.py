@@ -1,0 +1,124 @@
+"""The HTTP API in-process: /health, /classify, /similar and every kind of bad upload."""
+
+from __future__ import annotations
+
+import io
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from app.main import create_app
+from app.settings import Settings
+from app.stages import index_folder
+from models.bundle import Bundle
+
+
+@pytest.fixture(scope="module")
+def indexed_bundle(trained_bundle_dir: Path, shapes_dir: Path) -> Path:
+    index_folder(
+        shapes_dir, Bundle.load(trained_bundle_dir, "cpu"), trained_bundle_dir / "index", workers=0
+    )
+    return trained_bundle_dir
+
+
+@pytest.fixture(scope="module")
+def client(indexed_bundle: Path) -> Iterator[TestClient]:
+    settings = Settings(
+        bundle_dir=indexed_bundle, device="cpu", max_upload_bytes=200_000, max_pixels=1_000_000
+    )
+    with TestClient(create_app(settings)) as client:
+        yield client
+
+
+def png(size: tuple[int, int] = (64, 64), seed: int = 0) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 255, (*size[::-1], 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def solid_png(size: tuple[int, int]) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (10, 20, 30)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def upload(data: bytes, name: str = "x.png") -> dict:
+    return {"file": (name, data, "image/png")}
+
+
+def test_health(client: TestClient) -> None:
+    body = client.get("/health").json()
+    assert body["status"] == "ok" and body["backbone"] == "resnet18"
+    assert body["classes"] == 4 and body["index_size"] == 40 and body["device"] == "cpu"
+
+
+def test_classify(client: TestClient, shapes_dir: Path) -> None:
+    data = (shapes_dir / "star" / "star_000.png").read_bytes()
+    body = client.post("/classify?top_k=3", files=upload(data)).json()
+    scores = [p["score"] for p in body["predictions"]]
+    assert len(scores) == 3 and scores == sorted(scores, reverse=True)
+    assert body["label"] == body["predictions"][0]["label"]
+    assert {p["label"] for p in body["predictions"]} <= {"circle", "square", "star", "triangle"}
+
+
+def test_similar_finds_the_indexed_image_first(client: TestClient, shapes_dir: Path) -> None:
+    path = shapes_dir / "circle" / "circle_003.png"
+    body = client.post("/similar?k=4", files=upload(path.read_bytes())).json()
+    neighbours = body["neighbours"]
+    assert len(neighbours) == 4
+    assert neighbours[0]["path"] == str(path.resolve()) and neighbours[0]["label"] == "circle"
+    assert neighbours[0]["score"] == pytest.approx(1.0, abs=1e-4)
+    assert set(neighbours[0]) == {"id", "label", "path", "score"}
+
+
+@pytest.mark.parametrize(
+    ("data", "status", "words"),
+    [
+        (b"", 422, "empty"),
+        (b"%PDF-1.4 not an image", 422, "not an image"),
+        (png()[:300], 422, "truncated"),
+        (solid_png((1100, 1000)), 413, "pixels"),
+        (b"\0" * 200_001, 413, "larger than the limit"),
+    ],
+)
+@pytest.mark.parametrize("route", ["/classify", "/similar"])
+def test_bad_uploads_get_a_clear_4xx(
+    client: TestClient, route: str, data: bytes, status: int, words: str
+) -> None:
+    response = client.post(route, files=upload(data))
+    assert response.status_code == status
+    assert words in response.json()["detail"]
+
+
+def test_missing_file_and_bad_parameters(client: TestClient) -> None:
+    response = client.post("/similar")
+    assert response.status_code == 422 and "file" in response.json()["detail"]
+    response = client.post("/classify?top_k=0", files=upload(png()))
+    assert response.status_code == 422 and "top_k" in response.json()["detail"]
+
+
+def test_similar_without_an_index_is_503(trained_bundle_dir: Path, tmp_path: Path) -> None:
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(trained_bundle_dir / name, tmp_path / name)
+    with TestClient(create_app(Settings(bundle_dir=tmp_path, device="cpu"))) as client:
+        assert client.get("/health").json()["index_size"] is None
+        response = client.post("/similar", files=upload(png()))
+    assert response.status_code == 503 and "imgsim index" in response.json()["detail"]
+
+
+def test_an_index_of_another_model_is_refused_at_startup(
+    indexed_bundle: Path, tmp_path: Path
+) -> None:
+    from index.errors import ModelMismatch
+
+    pretrained = Bundle.pretrained("resnet18", weights="none", device="cpu")
+    pretrained.save(tmp_path)
+    settings = Settings(bundle_dir=tmp_path, index_dir=indexed_bundle / "index", device="cpu")
+    with pytest.raises(ModelMismatch), TestClient(create_app(settings)):
+        pass

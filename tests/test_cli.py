@@ -1,0 +1,95 @@
+"""The imgsim command: help, one-paragraph errors, and train -> index on a small folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from app.cli import main
+from index.gallery import GalleryIndex
+from models.bundle import Bundle
+
+
+def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_help_explains_every_command(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for command in ("train", "index", "serve", "demo"):
+        assert f"imgsim {command}" in text
+
+
+def test_errors_are_one_paragraph_without_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = run(["train", str(tmp_path / "nope"), "--out", str(tmp_path / "b")], capsys)
+    assert code == 2
+    assert "Traceback" not in err and "\n\n" not in err.strip()
+    assert "is not a folder" in err and "one subfolder per class" in err
+
+
+def test_offline_imagenet_weights_get_their_paragraph(
+    shapes_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    code, _, err = run(
+        ["index", str(shapes_dir), "--backbone", "resnet18", "--out", str(tmp_path / "idx")], capsys
+    )
+    assert code == 2 and "Traceback" not in err
+    assert "resnet18-f37072fd.pth" in err and str(tmp_path / "torch") in err
+
+
+def test_a_bundle_that_does_not_exist(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(["serve", "--model", str(tmp_path / "missing")], capsys)
+    assert code == 2 and "does not exist" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_train_then_index(
+    shapes_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bundle_dir = tmp_path / "bundle"
+    tiny = ["--backbone", "resnet18", "--weights", "none", "--device", "cpu"]
+    code, out, err = run(
+        [
+            "train",
+            str(shapes_dir),
+            "--out",
+            str(bundle_dir),
+            *tiny,
+            "--epochs",
+            "1",
+            "--warmup-epochs",
+            "0",
+            "--batch-size",
+            "8",
+            "--workers",
+            "0",
+            "--head",
+            "linear",
+            "--embed-dim",
+            "16",
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    assert json.loads((bundle_dir / "config.json").read_text())["head"] == "linear"
+    code, out, err = run(
+        ["index", str(shapes_dir), "--model", str(bundle_dir), "--workers", "0", "--device", "cpu"],
+        capsys,
+    )
+    assert code == 0, err
+    assert "indexed 40 images" in out
+    gallery = GalleryIndex.load(bundle_dir / "index", Bundle.load(bundle_dir, "cpu").fingerprint)
+    assert len(gallery) == 40 and gallery.dim == 16

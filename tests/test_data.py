@@ -1,0 +1,87 @@
+"""Listing, checking and splitting folders of labelled images."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from models.data import check_images, find_images, label_of, load_splits, split_samples
+from models.errors import DatasetError
+
+
+def make_folder(root: Path, counts: dict[str, int]) -> Path:
+    for name, count in counts.items():
+        (root / name).mkdir(parents=True)
+        for i in range(count):
+            Image.new("RGB", (8, 8), (i * 20, 0, 0)).save(root / name / f"{i}.png")
+    return root
+
+
+def test_split_is_stratified_seeded_and_disjoint(tmp_path: Path) -> None:
+    root = make_folder(tmp_path, {"a": 10, "b": 5, "c": 1})
+    classes, train, val = load_splits(root, val_fraction=0.2, seed=3)
+    assert classes == ["a", "b", "c"]
+    assert Counter(s.label for s in val) == {0: 2, 1: 1}  # one-image class stays in train
+    assert {s.path for s in train}.isdisjoint({s.path for s in val})
+    assert len(train) + len(val) == 16
+    assert load_splits(root, 0.2, seed=3)[2] == val
+    assert load_splits(root, 0.2, seed=4)[2] != val
+
+
+def test_existing_train_val_folders_are_used(tmp_path: Path) -> None:
+    make_folder(tmp_path / "train", {"x": 3, "y": 3})
+    make_folder(tmp_path / "val", {"x": 1, "y": 2})
+    classes, train, val = load_splits(tmp_path)
+    assert classes == ["x", "y"] and len(train) == 6 and len(val) == 3
+    assert all("val" in s.path.parts for s in val)
+
+
+def test_bad_files_are_skipped_with_one_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = make_folder(tmp_path, {"a": 3, "b": 3})
+    (root / "a" / "empty.png").write_bytes(b"")
+    (root / "b" / "text.jpg").write_bytes(b"not a jpeg")
+    _, train, val = load_splits(root)
+    paths = {str(s.path.relative_to(root)) for s in train + val}
+    assert "a/empty.png" not in paths and "b/text.jpg" not in paths and len(paths) == 6
+    warnings = [r for r in caplog.records if "unreadable" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "empty.png" in warnings[0].getMessage() and "text.jpg" in warnings[0].getMessage()
+
+
+def test_one_class_is_refused_with_advice(tmp_path: Path) -> None:
+    root = make_folder(tmp_path, {"only": 4})
+    with pytest.raises(DatasetError, match="at least two"):
+        load_splits(root)
+
+
+def test_find_images_and_labels_from_top_folder(tmp_path: Path) -> None:
+    make_folder(tmp_path / "animals" / "birds", {"owl": 1})
+    (tmp_path / ".hidden").mkdir()
+    Image.new("RGB", (2, 2)).save(tmp_path / ".hidden" / "x.png")
+    (tmp_path / "notes.txt").write_text("hi")
+    found = find_images(tmp_path)
+    assert [label_of(p, tmp_path) for p in found] == ["animals"]
+
+
+def test_check_images_reports_reasons(tmp_path: Path) -> None:
+    good = tmp_path / "ok.png"
+    Image.effect_noise((64, 64), 50).save(good)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(good.read_bytes()[:2000])
+    readable, unreadable = check_images([good, bad])
+    assert readable == [good]
+    assert unreadable[0][0] == bad and "truncated" in unreadable[0][1]
+
+
+def test_split_samples_keeps_every_sample() -> None:
+    from models.data import Sample
+
+    samples = [Sample(Path(f"{i}.png"), i % 3) for i in range(30)]
+    train, val = split_samples(samples, 0.3, seed=0)
+    assert sorted(map(str, [s.path for s in train + val])) == sorted(str(s.path) for s in samples)
+    assert Counter(s.label for s in val) == {0: 3, 1: 3, 2: 3}
