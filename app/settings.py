@@ -15,7 +15,7 @@ from models.images import DEFAULT_MAX_PIXELS
 class Settings(BaseSettings):
     """Where the bundle and index are, and the limits on uploads."""
 
-    model_config = SettingsConfigDict(env_prefix="IMGSIM_")
+    model_config = SettingsConfigDict(env_prefix="IMGSIM_", env_ignore_empty=True)
 
     bundle_dir: Path | None = Field(None, description="trained bundle; None serves ImageNet")
     index_dir: Path | None = Field(None, description="gallery index; default BUNDLE/index")
