@@ -1,4 +1,4 @@
-"""The imgsim command: train, index, serve, demo."""
+"""The imgsim command: train, index, eval, serve, demo."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ collection with FAISS, and serve POST /classify and POST /similar.
 
   imgsim train  DATA_DIR --out BUNDLE       fine-tune; DATA_DIR has one subfolder per class
   imgsim index  GALLERY_DIR --model BUNDLE  embed a folder into an index (default BUNDLE/index)
+  imgsim eval   DATA_DIR --model BUNDLE     report on held-out class folders (BUNDLE/eval)
   imgsim serve  --model BUNDLE              serve it on http://127.0.0.1:8000 (docs at /docs)
   imgsim demo                               sample data -> train -> index -> serve
 """
@@ -63,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _train_parser(commands)
     _index_parser(commands)
+    _eval_parser(commands)
     _serve_parser(commands)
     _demo_parser(commands)
     return parser
@@ -134,12 +136,38 @@ def _training_options(parser: argparse.ArgumentParser, epochs: int, warmup: int)
     parser.add_argument(
         "--workers", type=int, default=2, help="DataLoader worker processes (default: %(default)s)"
     )
+    parser.add_argument(
+        "--image-size",
+        type=_positive,
+        default=None,
+        help="train and serve at this crop size (default: the weights' own, e.g. 224)",
+    )
+    parser.add_argument(
+        "--target-precision",
+        type=_fraction,
+        default=0.95,
+        help="calibrate the 'unknown' threshold on the val split for this precision "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--no-augment",
+        dest="augment",
+        action="store_false",
+        help="train on the images as served (resize, centre crop), without random augmentation",
+    )
 
 
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, not {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must lie between 0 and 1, not {text}")
     return value
 
 
@@ -158,6 +186,10 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
         seed=args.seed,
         device=args.device,
         workers=args.workers,
+        image_size=args.image_size,
+        target_precision=args.target_precision,
+        augment=args.augment,
+        init_from=str(args.init_from) if getattr(args, "init_from", None) else None,
     )
 
 
@@ -173,15 +205,29 @@ def _train_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--out", type=Path, required=True, metavar="BUNDLE", help="folder to write the bundle to"
     )
+    parser.add_argument(
+        "--init-from",
+        type=Path,
+        metavar="BUNDLE",
+        help="start from this bundle's trunk (and projection) with DATA_DIR's classes; its "
+        "backbone and preprocessing are used, --weights is ignored",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run from BUNDLE/checkpoint.pt (same settings needed); "
+        "the checkpoint is deleted once the bundle is saved",
+    )
     _common(parser)
     _training_options(parser, epochs=10, warmup=2)
     parser.set_defaults(run=_run_train)
 
 
 def _run_train(args: argparse.Namespace) -> None:
+    """Train; under torchrun every process runs this and rank 0 writes the bundle."""
     from models.training import train
 
-    bundle = train(args.data_dir, args.out, _train_config(args))
+    bundle = train(args.data_dir, args.out, _train_config(args), resume=args.resume)
     print(f"bundle written to {args.out} (model {bundle.fingerprint})")
 
 
@@ -218,6 +264,73 @@ def _run_index(args: argparse.Namespace) -> None:
     out = args.out or (args.model / "index" if args.model else Path(f"index-{args.backbone}"))
     gallery = index_folder(args.gallery_dir, bundle, out, args.batch_size, args.workers)
     print(f"indexed {len(gallery)} images into {out} (model {bundle.fingerprint})")
+
+
+def _eval_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "eval",
+        help="evaluate a bundle on held-out class folders",
+        description="Classify and search every image below DATA_DIR (one subfolder per class, "
+        "images the model did not train on) and write report.json and report.html: top-1/top-5, "
+        "per-class precision/recall/F1, confusion matrix, Recall@1/5/10, MAP@R, kNN-vote "
+        "accuracy, the 'unknown' threshold, and the training curves.",
+    )
+    parser.add_argument("data_dir", type=Path, metavar="DATA_DIR")
+    parser.add_argument("--model", type=Path, required=True, metavar="BUNDLE")
+    parser.add_argument(
+        "--index",
+        type=Path,
+        metavar="DIR",
+        help="gallery to search (default: BUNDLE/index when it exists, else leave-one-out over "
+        "DATA_DIR's images)",
+    )
+    parser.add_argument(
+        "--no-index", action="store_true", help="use DATA_DIR's images as gallery (leave-one-out)"
+    )
+    parser.add_argument(
+        "--out", type=Path, metavar="DIR", help="report folder (default: BUNDLE/eval)"
+    )
+    parser.add_argument(
+        "--knn-k", type=_positive, default=5, help="neighbours in the vote (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--target-precision",
+        type=_fraction,
+        default=0.95,
+        help="precision the reported threshold aims for (default: %(default)s)",
+    )
+    parser.add_argument("--batch-size", type=_positive, default=32, help="(default: %(default)s)")
+    parser.add_argument("--workers", type=int, default=2, help="(default: %(default)s)")
+    parser.add_argument("--device", default="auto", choices=DEVICES, help="(default: %(default)s)")
+    parser.set_defaults(run=_run_eval)
+
+
+def _run_eval(args: argparse.Namespace) -> None:
+    from app.stages import evaluate_folder
+
+    out = args.out or args.model / "eval"
+    report = evaluate_folder(
+        args.data_dir,
+        args.model,
+        out,
+        index_dir=args.index,
+        use_index=not args.no_index,
+        knn_k=args.knn_k,
+        target_precision=args.target_precision,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        device=args.device,
+    )
+    retrieval = report["retrieval"]
+    print(
+        f"top-1 {_shown(report['top1'])}  top-5 {_shown(report['top5'])}  "
+        f"R@1 {_shown(retrieval['recall@1'])}  MAP@R {_shown(retrieval['map@r'])}  "
+        f"kNN top-1 {_shown(report['knn_top1'])}\nreport: {out / 'report.html'}"
+    )
+
+
+def _shown(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
 
 
 def _serve_parser(commands: argparse._SubParsersAction) -> None:
@@ -279,3 +392,7 @@ def _run_demo(args: argparse.Namespace) -> None:
     from app.stages import demo
 
     demo(args.workdir, _train_config(args), args.host, args.port, serve_it=not args.no_serve)
+
+
+if __name__ == "__main__":  # python -m app.cli, e.g. under torchrun
+    sys.exit(main())

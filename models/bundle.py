@@ -180,6 +180,25 @@ class Bundle:
             chunks.append(self.net(x.to(self.device)).embedding.float().cpu().numpy())
         return np.concatenate(chunks)
 
+    @torch.inference_mode()
+    def classify_files(
+        self, paths: Sequence[Path], batch_size: int = 32, workers: int = 2
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Class probabilities (N, C) and embeddings (N, D) of image files, decoded in workers."""
+        dataset = ImageDataset(
+            [Sample(path, 0) for path in paths],
+            self.transform,
+            self.config.preprocessing.resize_size * 2,
+        )
+        loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers)
+        embeddings = [np.zeros((0, self.embedding_dim), np.float32)]
+        logits = [np.zeros((0, len(self.config.classes)), np.float32)]
+        for x, _ in tqdm(loader, desc="classifying", unit="batch"):
+            out = self.net(x.to(self.device))
+            embeddings.append(out.embedding.float().cpu().numpy())
+            logits.append(out.logits.float().cpu().numpy())
+        return _softmax(np.concatenate(logits)), np.concatenate(embeddings)
+
 
 def _build(config: BundleConfig) -> EmbeddingNet:
     if config.pretrained_classifier:

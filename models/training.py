@@ -1,4 +1,9 @@
-"""Fine-tuning: head-only warm-up, then the whole network with a lower backbone learning rate."""
+"""Fine-tuning: head-only warm-up, then the whole network with a lower backbone learning rate.
+
+One process, or several under `torchrun` (DistributedDataParallel: NCCL on GPUs, gloo on CPU).
+Each epoch is checkpointed atomically to OUT/checkpoint.pt so that `resume=True` continues an
+interrupted run; the checkpoint is removed once the bundle is saved.
+"""
 
 from __future__ import annotations
 
@@ -8,24 +13,32 @@ import logging
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from models.backbones import DEFAULT_BACKBONE, preprocessing_for
+from models.backbones import DEFAULT_BACKBONE, Preprocessing, preprocessing_for
 from models.bundle import Bundle, BundleConfig, atomic_write
 from models.data import ImageDataset, Sample, eval_transform, load_splits, train_transform
 from models.devices import resolve_device
+from models.metrics import calibrate_threshold
 from models.network import DEFAULT_TEMPERATURE, EmbeddingNet, build_net
 
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
+CHECKPOINT_FILE = "checkpoint.pt"
+# Changing these between an interrupted run and its resumption does not change the result.
+_RESUME_MAY_DIFFER = ("workers", "device")
 
 
 @dataclass
@@ -36,7 +49,7 @@ class TrainConfig:
     weights: str = "imagenet"
     epochs: int = 10
     warmup_epochs: int = 2
-    batch_size: int = 32
+    batch_size: int = 32  # per process: under torchrun the global batch is this times the world
     lr: float = 1e-3
     backbone_lr_factor: float = 0.1
     weight_decay: float = 1e-4
@@ -49,45 +62,112 @@ class TrainConfig:
     device: str = "auto"
     workers: int = 2
     amp: bool = True
+    image_size: int | None = None  # crop size; None keeps the weights' (or --init-from's)
+    init_from: str | None = None  # a bundle whose trunk (and projection) to start from
+    target_precision: float = 0.95  # the "unknown" threshold is calibrated for this on val
+    augment: bool = True  # False: training images get the deterministic eval transform
 
 
-def train(data_dir: Path, out_dir: Path, config: TrainConfig) -> Bundle:
-    """Fine-tune on DATA_DIR's class folders and save the best epoch's bundle to out_dir."""
+@dataclass(frozen=True)
+class Cluster:
+    """This process's place among the training processes (world 1 without torchrun)."""
+
+    rank: int
+    world: int
+    device: str
+
+    @property
+    def main(self) -> bool:
+        """Rank 0 alone writes files and logs progress."""
+        return self.rank == 0
+
+
+def train(
+    data_dir: Path,
+    out_dir: Path,
+    config: TrainConfig,
+    resume: bool = False,
+    on_epoch_end: Callable[[int], None] | None = None,
+) -> Bundle:
+    """Fine-tune on DATA_DIR's class folders and save the best epoch's bundle to out_dir.
+
+    resume=True continues from out_dir's checkpoint if there is one. on_epoch_end(epoch) is
+    called after each epoch's checkpoint is written.
+    """
+    cluster = start_cluster(config.device)
+    try:
+        return _train(data_dir, out_dir, config, cluster, resume, on_epoch_end)
+    finally:
+        if cluster.world > 1:
+            dist.destroy_process_group()
+
+
+def _train(
+    data_dir: Path,
+    out_dir: Path,
+    config: TrainConfig,
+    cluster: Cluster,
+    resume: bool,
+    on_epoch_end: Callable[[int], None] | None,
+) -> Bundle:
     seed_everything(config.seed)
-    device = resolve_device(config.device)
     classes, train_set, val_set = load_splits(data_dir, config.val_fraction, config.seed)
     log.info("%d classes, %d train / %d val images", len(classes), len(train_set), len(val_set))
-    net = build_net(
-        config.backbone,
-        len(classes),
-        config.weights,
-        config.embed_dim,
-        config.head,
-        config.temperature,
-    ).to(device)
-    if device.startswith("cuda"):
+    source = Bundle.load(Path(config.init_from), "cpu") if config.init_from else None
+    if source is not None and source.config.backbone != config.backbone:
+        log.warning("--init-from: using the bundle's backbone %s", source.config.backbone)
+        config = replace(config, backbone=source.config.backbone)
+    pre = _preprocessing(config, source)
+    net = _initial_net(config, len(classes), source).to(cluster.device)
+    if cluster.device.startswith("cuda"):
         net = net.to(memory_format=torch.channels_last)
-    run = _Run(net, config, device, *_loaders(train_set, val_set, config, device))
-    history = run.fit(out_dir)
+    run = _Run(net, config, cluster, *_loaders(train_set, val_set, config, pre, cluster))
+    checkpoint = out_dir / CHECKPOINT_FILE
+    if resume:
+        run.restore(checkpoint)
+    history = run.fit(out_dir, on_epoch_end)
+    threshold = run.calibrated_threshold()
     bundle_config = BundleConfig(
         backbone=config.backbone,
         classes=classes,
-        preprocessing=preprocessing_for(config.backbone),
+        preprocessing=pre,
         embed_dim=config.embed_dim,
         head=config.head,
         temperature=config.temperature,
-        weights=str(config.weights),
+        weights=f"bundle {source.fingerprint}" if source is not None else str(config.weights),
+        threshold=threshold,
         extra={
             "training": asdict(config),
             "best_epoch": run.best_epoch,
             "train_images": len(train_set),
             "val_images": len(val_set),
+            "world_size": cluster.world,
+            "threshold_target_precision": config.target_precision,
         },
     )
-    bundle = Bundle(bundle_config, run.net, device)
-    bundle.save(out_dir)
-    log.info("saved bundle to %s (best epoch %s of %d)", out_dir, run.best_epoch, len(history))
+    bundle = Bundle(bundle_config, run.net, cluster.device)
+    if cluster.main:
+        bundle.save(out_dir)
+        checkpoint.unlink(missing_ok=True)
+        log.info("saved bundle to %s (best epoch %s of %d)", out_dir, run.best_epoch, len(history))
+    if cluster.world > 1:
+        dist.barrier()
     return bundle
+
+
+def start_cluster(device: str) -> Cluster:
+    """Join the process group when launched by torchrun; otherwise a world of one."""
+    device = resolve_device(device)
+    if not dist.is_torchelastic_launched():
+        return Cluster(0, 1, device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if device == "cuda":  # one GPU per process; ranks are node-contiguous under torchrun
+        device = f"cuda:{rank % torch.cuda.device_count()}"
+        torch.cuda.set_device(device)
+    log.info("process %d of %d on %s", rank, world, device)
+    return Cluster(rank, world, device)
 
 
 def seed_everything(seed: int) -> None:
@@ -97,26 +177,81 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _preprocessing(config: TrainConfig, source: Bundle | None) -> Preprocessing:
+    """The weights' preprocessing (or the source bundle's), at config.image_size if given."""
+    pre = source.config.preprocessing if source is not None else preprocessing_for(config.backbone)
+    if config.image_size is None:
+        return pre
+    resize = round(config.image_size * pre.resize_size / pre.crop_size)
+    return replace(pre, crop_size=config.image_size, resize_size=resize)
+
+
+def _initial_net(config: TrainConfig, num_classes: int, source: Bundle | None) -> EmbeddingNet:
+    """A new network; with a source bundle, its trunk (and projection if sizes match) copied."""
+    weights = "none" if source is not None else config.weights
+    args = (config.backbone, num_classes, weights, config.embed_dim, config.head)
+    net = build_net(*args, config.temperature)
+    if source is not None:
+        copied = init_from(net, source.net)
+        log.info("initialised %d tensors from %s", copied, config.init_from)
+    return net
+
+
+def init_from(net: EmbeddingNet, source: EmbeddingNet) -> int:
+    """Copy the source's trunk and head tensors whose names and shapes match; returns how many.
+
+    The classifier is never copied: the class set is new. GoogLeNet's auxiliary classifiers'
+    last layers have one output per class, so they are left as initialised too.
+    """
+    copied = 0
+    for part in ("trunk", "head"):
+        target = getattr(net, part).state_dict()
+        fits = {
+            name: tensor
+            for name, tensor in getattr(source, part).state_dict().items()
+            if name in target and target[name].shape == tensor.shape
+        }
+        getattr(net, part).load_state_dict({**target, **fits})
+        copied += len(fits)
+    return copied
+
+
 def _loaders(
-    train_set: list[Sample], val_set: list[Sample], config: TrainConfig, device: str
+    train_set: list[Sample],
+    val_set: list[Sample],
+    config: TrainConfig,
+    pre: Preprocessing,
+    cluster: Cluster,
 ) -> tuple[DataLoader, DataLoader | None]:
-    pre = preprocessing_for(config.backbone)
+    """Decoding and augmentation run in `workers` processes; each rank gets its share."""
     draft = pre.resize_size * 2
     common = {
         "batch_size": config.batch_size,
         "num_workers": config.workers,
-        "pin_memory": device.startswith("cuda"),
-        "persistent_workers": config.workers > 0,
+        "pin_memory": cluster.device.startswith("cuda"),
+        # Fresh workers each epoch: their seeds then come from the per-epoch seeded generator,
+        # so a resumed run augments exactly as an uninterrupted one.
+        "persistent_workers": False,
     }
+    transform = train_transform(pre) if config.augment else eval_transform(pre)
+    train_data = ImageDataset(train_set, transform, draft)
+    sampler = None
+    if cluster.world > 1:
+        sampler = DistributedSampler(
+            train_data, cluster.world, cluster.rank, shuffle=True, seed=config.seed, drop_last=True
+        )
+    per_rank = len(train_set) // cluster.world
     train_loader = DataLoader(
-        ImageDataset(train_set, train_transform(pre), draft),
-        shuffle=True,
-        drop_last=len(train_set) > config.batch_size,  # no batch of one for BatchNorm
-        generator=torch.Generator().manual_seed(config.seed),
+        train_data,
+        shuffle=sampler is None,
+        sampler=sampler,
+        drop_last=per_rank > config.batch_size,  # no batch of one for BatchNorm
+        generator=torch.Generator(),
         **common,
     )
+    shard = val_set[cluster.rank :: cluster.world]
     val_loader = (
-        DataLoader(ImageDataset(val_set, eval_transform(pre), draft), **common) if val_set else None
+        DataLoader(ImageDataset(shard, eval_transform(pre), draft), **common) if val_set else None
     )
     return train_loader, val_loader
 
@@ -128,11 +263,12 @@ class _Run:
         self,
         net: EmbeddingNet,
         config: TrainConfig,
-        device: str,
+        cluster: Cluster,
         train_loader: DataLoader,
         val_loader: DataLoader | None,
     ):
-        self.net, self.config, self.device = net, config, device
+        self.net, self.config, self.cluster = net, config, cluster
+        self.device = cluster.device
         self.train_loader, self.val_loader = train_loader, val_loader
         head_params = [*net.head.parameters(), *net.classifier.parameters()]
         self.optimizer = torch.optim.AdamW(
@@ -156,21 +292,24 @@ class _Run:
                 else 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm_steps) / total_finetune)))
             ),
         )
-        self.amp = config.amp and device.startswith("cuda")
+        self.amp = config.amp and self.device.startswith("cuda")
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.history: list[dict] = []
         self.best_state: dict | None = None
         self.best_key: tuple[float, float] | None = None
         self.best_epoch: int | None = None
+        self.best_val: dict[str, torch.Tensor] | None = None  # val confidences of the best epoch
+        self._ddp: tuple[bool, DistributedDataParallel] | None = None
 
-    def fit(self, out_dir: Path) -> list[dict]:
-        """Train every epoch, validate, record metrics and keep the best weights."""
+    def fit(self, out_dir: Path, on_epoch_end: Callable[[int], None] | None = None) -> list[dict]:
+        """Train every epoch, validate, record metrics, checkpoint and keep the best weights."""
         out_dir.mkdir(parents=True, exist_ok=True)
-        history: list[dict] = []
-        for epoch in range(1, self.config.epochs + 1):
+        for epoch in range(len(self.history) + 1, self.config.epochs + 1):
             phase = "warmup" if epoch <= self.config.warmup_epochs else "finetune"
             started = time.perf_counter()
+            self._seed_epoch(epoch)
             train_loss = self.train_epoch(epoch, phase)
-            val_loss, val_top1 = self.validate()
+            val_loss, val_top1, val_predictions = self.validate()
             record = {
                 "epoch": epoch,
                 "phase": phase,
@@ -180,14 +319,27 @@ class _Run:
                 "lr": self.optimizer.param_groups[1]["lr"],
                 "seconds": round(time.perf_counter() - started, 2),
             }
-            history.append(record)
-            log.info("epoch %d/%d %s", epoch, self.config.epochs, _describe(record))
-            self.keep_if_best(epoch, val_loss, val_top1)
-            text = json.dumps(history, indent=2)
-            atomic_write(out_dir / METRICS_FILE, lambda path, text=text: path.write_text(text))
+            self.history.append(record)
+            self.keep_if_best(epoch, val_loss, val_top1, val_predictions)
+            if self.cluster.main:
+                log.info("epoch %d/%d %s", epoch, self.config.epochs, _describe(record))
+                text = json.dumps(self.history, indent=2)
+                atomic_write(out_dir / METRICS_FILE, lambda path, text=text: path.write_text(text))
+                self.save_checkpoint(out_dir / CHECKPOINT_FILE)
+            if on_epoch_end is not None:
+                on_epoch_end(epoch)
         if self.best_state is not None:
             self.net.load_state_dict(self.best_state)
-        return history
+        return self.history
+
+    def _seed_epoch(self, epoch: int) -> None:
+        """Every random draw of an epoch follows from (seed, rank, epoch): resuming needs no
+        saved random state, and ranks augment differently."""
+        seed = self.config.seed + 1_000_003 * epoch + 7919 * self.cluster.rank
+        seed_everything(seed)
+        self.train_loader.generator.manual_seed(seed)
+        if isinstance(self.train_loader.sampler, DistributedSampler):
+            self.train_loader.sampler.set_epoch(epoch)
 
     def train_epoch(self, epoch: int, phase: str) -> float:
         """One pass over the training set; the trunk is frozen (and in eval mode) in warm-up."""
@@ -197,12 +349,19 @@ class _Run:
             param.requires_grad_(not frozen)
         if frozen:
             self.net.trunk.eval()
+        model = self._trainable(frozen)
         total, count = 0.0, 0
-        bar = tqdm(self.train_loader, desc=f"epoch {epoch} ({phase})", unit="batch", leave=False)
+        bar = tqdm(
+            self.train_loader,
+            desc=f"epoch {epoch} ({phase})",
+            unit="batch",
+            leave=False,
+            disable=not self.cluster.main,
+        )
         for x, y in bar:
             x, y = self._to_device(x, y)
             with torch.autocast("cuda", dtype=torch.float16, enabled=self.amp):
-                out = self.net(x)
+                out = model(x)
                 loss = F.cross_entropy(out.logits, y)
                 for aux in out.aux_logits:
                     loss = loss + self.config.aux_weight * F.cross_entropy(aux, y)
@@ -214,30 +373,131 @@ class _Run:
             total += loss.item() * len(y)
             count += len(y)
             bar.set_postfix(loss=f"{total / count:.3f}")
+        total, count = self._sum_over_ranks(total, count)
         return round(total / max(count, 1), 4)
 
+    def _trainable(self, frozen: bool) -> torch.nn.Module:
+        """The network, wrapped in DDP under torchrun; rewrapped when the trainable set changes
+        (DDP fixes at construction which parameters it all-reduces)."""
+        if self.cluster.world == 1:
+            return self.net
+        if self._ddp is None or self._ddp[0] != frozen:
+            ids = [self.device] if self.device.startswith("cuda") else None
+            self._ddp = (frozen, DistributedDataParallel(self.net, device_ids=ids))
+        return self._ddp[1]
+
     @torch.inference_mode()
-    def validate(self) -> tuple[float | None, float | None]:
-        """Mean cross-entropy and top-1 accuracy on the validation set."""
+    def validate(self) -> tuple[float | None, float | None, dict[str, torch.Tensor] | None]:
+        """Mean cross-entropy, top-1 accuracy, and each val image's confidence and correctness,
+        over every rank's share."""
         if self.val_loader is None:
-            return None, None
+            return None, None, None
         self.net.eval()
-        loss, correct, count = 0.0, 0, 0
+        loss, confidences, correct = 0.0, [], []
         for x, y in self.val_loader:
             x, y = self._to_device(x, y)
             with torch.autocast("cuda", dtype=torch.float16, enabled=self.amp):
                 logits = self.net(x).logits.float()
             loss += F.cross_entropy(logits, y, reduction="sum").item()
-            correct += (logits.argmax(1) == y).sum().item()
-            count += len(y)
-        return round(loss / count, 4), round(correct / count, 4)
+            probabilities = logits.softmax(dim=1)
+            confidences.append(probabilities.max(dim=1).values.cpu())
+            correct.append((probabilities.argmax(1) == y).cpu())
+        predictions = {  # a rank's share may be empty when there are fewer val images than ranks
+            "confidences": torch.cat([torch.zeros(0), *confidences]),
+            "correct": torch.cat([torch.zeros(0, dtype=torch.bool), *correct]),
+        }
+        if self.cluster.world > 1:
+            shares: list[Any] = [None] * self.cluster.world
+            dist.all_gather_object(shares, predictions)
+            predictions = {key: torch.cat([share[key] for share in shares]) for key in predictions}
+        count = len(predictions["correct"])
+        loss, _ = self._sum_over_ranks(loss, 0)
+        top1 = predictions["correct"].float().mean().item()
+        return round(loss / count, 4), round(top1, 4), predictions
 
-    def keep_if_best(self, epoch: int, val_loss: float | None, val_top1: float | None) -> None:
+    def _sum_over_ranks(self, *values: float) -> tuple[float, ...]:
+        if self.cluster.world == 1:
+            return values
+        summed = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(summed)
+        return tuple(summed.tolist())
+
+    def keep_if_best(
+        self,
+        epoch: int,
+        val_loss: float | None,
+        val_top1: float | None,
+        val_predictions: dict[str, torch.Tensor] | None = None,
+    ) -> None:
         """Best = highest val top-1, then lowest val loss; without validation, the last epoch."""
         key = (val_top1 or 0.0, -(val_loss or 0.0))
         if self.best_key is None or key >= self.best_key or val_top1 is None:
-            self.best_key, self.best_epoch = key, epoch
+            self.best_key, self.best_epoch, self.best_val = key, epoch, val_predictions
             self.best_state = copy.deepcopy({k: v.cpu() for k, v in self.net.state_dict().items()})
+
+    def calibrated_threshold(self) -> float | None:
+        """Lowest softmax confidence at which the best epoch's val answers reach the target
+        precision; None (never answer "unknown") without val images or when unreachable."""
+        if self.best_val is None:
+            log.info("no validation split: no 'unknown' threshold is calibrated")
+            return None
+        confidences = self.best_val["confidences"].numpy()
+        correct = self.best_val["correct"].numpy()
+        threshold = calibrate_threshold(confidences, correct, self.config.target_precision)
+        if threshold is None:
+            log.warning(
+                "no confidence threshold reaches %.0f%% precision on the %d val images: the "
+                "bundle never answers 'unknown' unless a request sets a threshold",
+                100 * self.config.target_precision,
+                len(correct),
+            )
+        else:
+            kept = confidences >= threshold
+            log.info(
+                "'unknown' below confidence %.4f: answers %.0f%% of val images at %.0f%% precision",
+                threshold,
+                100 * kept.mean(),
+                100 * correct[kept].mean(),
+            )
+        return threshold
+
+    def save_checkpoint(self, path: Path) -> None:
+        """Everything needed to continue after this epoch, as tensors and plain containers
+        (loadable with weights_only=True), written atomically."""
+        state = {
+            "config": _resume_key(self.config),
+            "model": self.net.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "history": self.history,
+            "best_state": self.best_state,
+            "best_key": list(self.best_key) if self.best_key is not None else None,
+            "best_epoch": self.best_epoch,
+            "best_val": self.best_val,
+        }
+        atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+    def restore(self, path: Path) -> None:
+        """Continue from a checkpoint of the same configuration, if there is one."""
+        if not path.is_file():
+            log.warning("--resume: no checkpoint at %s, starting from epoch 1", path)
+            return
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if state["config"] != _resume_key(self.config):
+            raise ValueError(
+                f"--resume: {path} was written by a run with other settings; rerun with the "
+                "same settings, or delete it to start afresh"
+            )
+        self.net.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.history = state["history"]
+        self.best_state = state["best_state"]
+        self.best_key = tuple(state["best_key"]) if state["best_key"] is not None else None
+        self.best_epoch, self.best_val = state["best_epoch"], state["best_val"]
+        log.info("resuming after epoch %d from %s", len(self.history), path)
 
     def _to_device(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         non_blocking = self.device.startswith("cuda")
@@ -245,6 +505,12 @@ class _Run:
         if non_blocking:
             x = x.contiguous(memory_format=torch.channels_last)
         return x, y.to(self.device, non_blocking=non_blocking)
+
+
+def _resume_key(config: TrainConfig) -> str:
+    """The settings a resumed run must share with the interrupted one, as JSON."""
+    settings = {k: v for k, v in asdict(config).items() if k not in _RESUME_MAY_DIFFER}
+    return json.dumps(settings, sort_keys=True)
 
 
 def _describe(record: dict) -> str:

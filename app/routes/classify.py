@@ -27,15 +27,37 @@ def health(service: ServiceDep) -> Health:
     )
 
 
+UNKNOWN = "unknown"
+
+
 @router.post("/classify", responses=ERRORS)
 def classify(
-    service: ServiceDep, image: ImageDep, top_k: Annotated[int, Query(ge=1, le=100)] = 5
+    service: ServiceDep,
+    image: ImageDep,
+    top_k: Annotated[int, Query(ge=1, le=100)] = 5,
+    threshold: Annotated[
+        float | None,
+        Query(
+            ge=0.0,
+            le=1.0,
+            description="answer unknown below this top score; default: the bundle's calibrated "
+            "threshold",
+        ),
+    ] = None,
 ) -> ClassifyResponse:
-    """The top_k most probable classes of the uploaded image (multipart field 'file')."""
+    """The top_k most probable classes of the uploaded image (multipart field 'file'); the
+    label is "unknown" when the best probability is below the threshold."""
     probabilities, _ = service.bundle.classify(image)
     classes = service.bundle.config.classes
     order = probabilities[0].argsort()[::-1][:top_k]
     predictions = [Prediction(label=classes[i], score=float(probabilities[0, i])) for i in order]
+    if threshold is None:
+        threshold = service.bundle.config.threshold
+    unknown = threshold is not None and predictions[0].score < threshold
     return ClassifyResponse(
-        label=predictions[0].label, predictions=predictions, model=service.bundle.fingerprint
+        label=UNKNOWN if unknown else predictions[0].label,
+        unknown=unknown,
+        threshold=threshold,
+        predictions=predictions,
+        model=service.bundle.fingerprint,
     )

@@ -1,0 +1,102 @@
+"""Is the input pipeline the bottleneck? Training steps/s on real images vs tensors in memory.
+
+Both runs do the same training step (resnet18, forward + backward + AdamW step) on batches of
+the same shape. "loader": Tux Paint stamps decoded, augmented and batched by the training
+DataLoader (`workers` processes). "memory": the same number of batches, made beforehand and
+held as tensors. Ratio = loader / memory; the target is >= 0.9.
+
+    python benchmarks/loader.py [--stamps DIR] [--workers N] [--batch-size B] [--image-size PX]
+
+Writes benchmarks/loader.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from models.backbones import preprocessing_for
+from models.data import ImageDataset, Sample, find_images, label_of, train_transform
+from models.network import build_net
+
+STAMPS = Path("/work/data/stamps/usr/share/tuxpaint/stamps")
+OUT = Path(__file__).with_name("loader.md")
+
+
+def steps_per_second(net: torch.nn.Module, batches, steps: int, warmup: int = 3) -> float:
+    """Time `steps` training steps after `warmup` untimed ones."""
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    net.train()
+    iterator = iter(batches)
+    started = 0.0
+    for step in range(warmup + steps):
+        if step == warmup:
+            started = time.perf_counter()
+        x, y = next(iterator)
+        loss = F.cross_entropy(net(x).logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return steps / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--stamps", type=Path, default=STAMPS)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=20)
+    args = parser.parse_args()
+    paths = find_images(args.stamps)
+    names = sorted({label_of(path, args.stamps) for path in paths})
+    samples = [Sample(path, names.index(label_of(path, args.stamps))) for path in paths]
+    pre = replace(preprocessing_for("resnet18"), crop_size=args.image_size,
+                  resize_size=round(args.image_size * 256 / 224))  # fmt: skip
+    dataset = ImageDataset(samples, train_transform(pre), pre.resize_size * 2)
+    loader = DataLoader(
+        dataset,
+        batch_size=args.batch_size,
+        shuffle=True,
+        num_workers=args.workers,
+        drop_last=True,
+        generator=torch.Generator().manual_seed(0),
+    )
+    torch.manual_seed(0)
+    net = build_net("resnet18", len(names), "none")
+    steps = args.steps
+    needed = steps + 3
+    assert len(loader) >= needed, "not enough images for the steps asked"
+    in_memory = [batch for batch, _ in zip(loader, range(needed), strict=False)]
+    memory = steps_per_second(net, in_memory, steps)
+    real = steps_per_second(net, loader, steps)  # workers start inside the timed warm-up
+    ratio = real / memory
+    lines = [
+        "# Input pipeline benchmark",
+        "",
+        f"`python benchmarks/loader.py --workers {args.workers} --batch-size {args.batch_size} "
+        f"--image-size {args.image_size} --steps {steps}`",
+        "",
+        f"resnet18 training steps (forward, backward, AdamW) on batches of {args.batch_size} "
+        f"{args.image_size} px images; {len(samples)} Tux Paint stamps (PNG with alpha), "
+        f"{args.workers} DataLoader workers doing decoding and augmentation; "
+        f"torch threads: {torch.get_num_threads()}; CPU only, 2 cores shared with other jobs.",
+        "",
+        "| input | steps/s |",
+        "|---|---|",
+        f"| tensors in memory | {memory:.2f} |",
+        f"| DataLoader on real images | {real:.2f} |",
+        f"| **ratio** | **{ratio:.2f}** (target >= 0.9) |",
+    ]
+    OUT.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
