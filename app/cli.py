@@ -249,6 +249,16 @@ def _index_parser(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--batch-size", type=_positive, default=32, help="(default: %(default)s)")
     parser.add_argument("--workers", type=int, default=2, help="(default: %(default)s)")
+    parser.add_argument(
+        "--rebuild",
+        action="store_true",
+        help="re-embed every image into a fresh index instead of adding only new files",
+    )
+    parser.add_argument(
+        "--index-factory",
+        metavar="FACTORY",
+        help="FAISS factory string, e.g. HNSW32,Flat (default: chosen from the collection size)",
+    )
     _common(parser)
     parser.set_defaults(run=_run_index)
 
@@ -262,7 +272,15 @@ def _run_index(args: argparse.Namespace) -> None:
     else:
         bundle = Bundle.pretrained(args.backbone, args.weights, args.device)
     out = args.out or (args.model / "index" if args.model else Path(f"index-{args.backbone}"))
-    gallery = index_folder(args.gallery_dir, bundle, out, args.batch_size, args.workers)
+    gallery = index_folder(
+        args.gallery_dir,
+        bundle,
+        out,
+        args.batch_size,
+        args.workers,
+        rebuild=args.rebuild,
+        factory=args.index_factory,
+    )
     print(f"indexed {len(gallery)} images into {out} (model {bundle.fingerprint})")
 
 

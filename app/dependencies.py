@@ -1,7 +1,10 @@
-"""What route handlers receive: the loaded service and the uploaded image."""
+"""What route handlers receive: the loaded service and the uploaded image(s)."""
 
 from __future__ import annotations
 
+import hashlib
+import io
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, File, Request, UploadFile
@@ -21,14 +24,50 @@ def get_service(request: Request) -> Service:
 ServiceDep = Annotated[Service, Depends(get_service)]
 
 
-def uploaded_image(service: ServiceDep, file: Annotated[UploadFile, File()]) -> Image.Image:
-    """Read the multipart field 'file' within the byte limit and decode it safely."""
-    settings: Settings = service.settings
+@dataclass(frozen=True)
+class Upload:
+    """One uploaded image: its bytes, content hash, file suffix and decoded pixels."""
+
+    data: bytes
+    sha256: str
+    suffix: str
+    image: Image.Image
+
+
+def read_upload(settings: Settings, file: UploadFile) -> Upload:
+    """Read one multipart file within the byte limit and decode it safely."""
     limit = settings.max_upload_bytes
     data = file.file.read(limit + 1)
     if len(data) > limit:
         raise UploadTooLarge(f"the upload is larger than the limit of {limit:,} bytes")
-    return load_image(data, max_pixels=settings.max_pixels)
+    image = load_image(data, max_pixels=settings.max_pixels)
+    return Upload(data, hashlib.sha256(data).hexdigest(), _suffix(data), image)
 
 
+def _suffix(data: bytes) -> str:
+    with Image.open(io.BytesIO(data)) as image:  # reads the header only
+        return {"JPEG": ".jpg", "TIFF": ".tif"}.get(
+            image.format or "", f".{(image.format or 'img').lower()}"
+        )
+
+
+def uploaded(service: ServiceDep, file: Annotated[UploadFile, File()]) -> Upload:
+    """The multipart field 'file', read and decoded."""
+    return read_upload(service.settings, file)
+
+
+def uploaded_image(upload: Annotated[Upload, Depends(uploaded)]) -> Image.Image:
+    """The decoded image of the multipart field 'file'."""
+    return upload.image
+
+
+def uploaded_files(
+    service: ServiceDep, files: Annotated[list[UploadFile], File(description="images")]
+) -> list[Upload]:
+    """Every multipart field 'files', read and decoded."""
+    return [read_upload(service.settings, file) for file in files]
+
+
+UploadDep = Annotated[Upload, Depends(uploaded)]
+UploadsDep = Annotated[list[Upload], Depends(uploaded_files)]
 ImageDep = Annotated[Image.Image, Depends(uploaded_image)]

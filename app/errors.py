@@ -6,7 +6,15 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from index.errors import EmptyIndex, IndexMissing, IndexProblem, ModelMismatch
+from index.errors import (
+    DuplicateExternalId,
+    EmptyIndex,
+    IndexCorrupt,
+    IndexMissing,
+    IndexProblem,
+    ItemNotFound,
+    ModelMismatch,
+)
 from models.errors import ImageTooLarge, ImgsimError, UnsupportedImage
 
 
@@ -18,12 +26,20 @@ class NoIndex(ImgsimError):
     """/similar was called but the service was started without an index."""
 
 
+class InvalidRequest(ImgsimError):
+    """The request's fields do not fit together (e.g. one external id for many files)."""
+
+
 STATUS: list[tuple[type[Exception], int]] = [  # first match wins: subclasses before bases
     (UploadTooLarge, 413),
     (ImageTooLarge, 413),
     (UnsupportedImage, 422),
+    (InvalidRequest, 422),
     (NoIndex, 503),
     (IndexMissing, 503),
+    (IndexCorrupt, 503),
+    (ItemNotFound, 404),
+    (DuplicateExternalId, 409),
     (EmptyIndex, 409),
     (ModelMismatch, 409),
 ]

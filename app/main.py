@@ -20,6 +20,7 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.service = service or load_service(settings or Settings())
         yield
+        app.state.service.close()  # a final snapshot, so the next start-up has less to replay
 
     app = FastAPI(
         title="imgsim",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, Field
 
 
@@ -13,10 +15,17 @@ class Prediction(BaseModel):
 
 
 class ClassifyResponse(BaseModel):
-    """The top-k classes of an uploaded image."""
+    """The top-k classes of an uploaded image, or "unknown" when the best is not confident."""
 
-    label: str = Field(description="the best class")
-    predictions: list[Prediction]
+    label: str = Field(
+        description='the best class, or "unknown" when its score is below the threshold'
+    )
+    unknown: bool = Field(description="true when the best score is below the threshold")
+    threshold: float | None = Field(
+        description="the confidence threshold applied (the request's, else the bundle's "
+        "calibrated one); null: never unknown"
+    )
+    predictions: list[Prediction] = Field(description="the top-k classes, even when unknown")
     model: str = Field(description="fingerprint of the model that answered")
 
 
@@ -51,3 +60,54 @@ class ErrorBody(BaseModel):
     """Every 4xx answer."""
 
     detail: str
+
+
+class Duplicate(BaseModel):
+    """A stored image the new one nearly repeats."""
+
+    id: int
+    score: float = Field(description="cosine similarity, at least the duplicate threshold")
+
+
+class AddedImage(BaseModel):
+    """One image of POST /images."""
+
+    id: int | None = Field(description="its new id; null when skipped as a duplicate")
+    external_id: str | None
+    label: str | None
+    path: str | None = Field(description="where the service keeps the image; null when skipped")
+    sha256: str
+    duplicate_of: Duplicate | None = Field(
+        description="the most similar image already stored, when it scores at least the "
+        "duplicate threshold"
+    )
+
+
+class AddImagesResponse(BaseModel):
+    """The images added, in upload order."""
+
+    images: list[AddedImage]
+    model: str
+
+
+class ImageItem(BaseModel):
+    """A stored image's metadata."""
+
+    id: int
+    external_id: str | None
+    label: str | None
+    path: str
+    sha256: str | None
+    added_at: float = Field(description="Unix time it was added")
+
+
+class IndexInfo(BaseModel):
+    """What the collection holds and how it is searched."""
+
+    size: int
+    index_type: str = Field(description="FAISS factory string, e.g. 'Flat' or 'HNSW32'")
+    model: str = Field(description="fingerprint of the model the embeddings come from")
+    dim: int
+    last_change: int = Field(description="sequence number of the last add or delete applied")
+    snapshot_change: int = Field(description="last change contained in the on-disk snapshot")
+    search_params: dict[str, Any] = Field(description="tuned FAISS search settings")

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 
 from app.settings import Settings
 from index.gallery import GalleryIndex
@@ -19,6 +20,31 @@ class Service:
     settings: Settings
     bundle: Bundle
     gallery: GalleryIndex | None
+    _creating: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def collection(self) -> GalleryIndex | None:
+        """The gallery to add to, created empty at the index folder on the first add."""
+        if self.gallery is not None:
+            return self.gallery
+        directory = self.settings.resolved_index_dir()
+        if directory is None:
+            return None
+        with self._creating:
+            if self.gallery is None:
+                log.info("starting a new collection at %s", directory)
+                self.gallery = GalleryIndex.create(
+                    self.bundle.embedding_dim,
+                    self.bundle.fingerprint,
+                    directory,
+                    factory=self.settings.index_factory,
+                    snapshot_every=self.settings.snapshot_every,
+                )
+        return self.gallery
+
+    def close(self) -> None:
+        """Snapshot and close the gallery (call at shutdown)."""
+        if self.gallery is not None:
+            self.gallery.close()
 
 
 def load_service(settings: Settings) -> Service:
@@ -30,7 +56,12 @@ def load_service(settings: Settings) -> Service:
     index_dir = settings.resolved_index_dir()
     gallery = None
     if settings.index_dir is not None or (index_dir is not None and index_dir.exists()):
-        gallery = GalleryIndex.load(index_dir, bundle.fingerprint)
+        gallery = GalleryIndex.load(
+            index_dir,
+            bundle.fingerprint,
+            factory=settings.index_factory,
+            snapshot_every=settings.snapshot_every,
+        )
     log.info(
         "serving %s (%s, %d classes) on %s; index: %s",
         bundle.config.backbone,

@@ -24,6 +24,15 @@ class Settings(BaseSettings):
     device: str = "auto"
     max_upload_bytes: int = Field(20 * 1024 * 1024, gt=0)
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, gt=0)
+    duplicate_threshold: float = Field(
+        0.97, ge=-1.0, le=1.0, description="POST /images flags a stored image scoring this or more"
+    )
+    index_factory: str | None = Field(
+        None, description="FAISS factory string, e.g. 'HNSW32'; default: chosen by size"
+    )
+    snapshot_every: int = Field(
+        1000, gt=0, description="snapshot the index after this many changes"
+    )
 
     @field_validator("bundle_dir")
     @classmethod

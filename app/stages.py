@@ -1,47 +1,92 @@
-"""The stages the CLI drives, as plain functions: train, index, serve, demo."""
+"""The stages the CLI drives, as plain functions: train, index, eval, serve, demo."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
+import shutil
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import uvicorn
 
 from app.main import create_app
 from app.service import load_service
 from app.settings import Settings
-from index.gallery import GalleryIndex
+from index.errors import IndexMissing, ModelMismatch
+from index.gallery import GalleryIndex, replace_directory
+from index.store import NewItem
 from models.bundle import Bundle
 from models.data import check_images, find_images, label_of
 from models.errors import DatasetError, WeightsUnavailable
+from models.evaluation import (
+    Neighbours,
+    evaluate,
+    leave_one_out,
+    list_eval_images,
+    neighbours_needed,
+)
+from models.report import write_report
 from models.samples import make_sample_dataset
-from models.training import TrainConfig, train
+from models.training import METRICS_FILE, TrainConfig, train
 
 log = logging.getLogger(__name__)
 
 
 def index_folder(
-    gallery_dir: Path, bundle: Bundle, out_dir: Path, batch_size: int = 32, workers: int = 2
+    gallery_dir: Path,
+    bundle: Bundle,
+    out_dir: Path,
+    batch_size: int = 32,
+    workers: int = 2,
+    rebuild: bool = False,
+    factory: str | None = None,
 ) -> GalleryIndex:
-    """Embed every readable image below gallery_dir into a new index written to out_dir."""
+    """Add the readable images below gallery_dir to the index at out_dir, skipping files
+    already indexed (same content); build it afresh when there is none, when it belongs to
+    another model, or with rebuild."""
     paths = find_images(gallery_dir) if gallery_dir.is_dir() else []
     if not paths:
         raise DatasetError(
-            f"{gallery_dir} holds no images ({', '.join(['.jpg', '.png', '.webp', '...'])}); "
+            f"{gallery_dir} holds no images (.jpg, .png, .webp, ...); "
             "pass the folder of images to index."
         )
     good, _ = check_images(paths)
-    embeddings = bundle.embed_files(good, batch_size=batch_size, workers=workers)
-    gallery = GalleryIndex.create(bundle.embedding_dim, bundle.fingerprint)
-    root = gallery_dir.resolve()
-    gallery.add(
-        embeddings,
-        [str(path.resolve()) for path in good],
-        [label_of(path.resolve(), root) for path in good],
-    )
-    gallery.save(out_dir)
+    target = out_dir
+    gallery = None if rebuild else _open_for_update(out_dir, bundle, factory)
+    if gallery is None:
+        target = out_dir.with_name(f".{out_dir.name}.building-{os.getpid()}")
+        shutil.rmtree(target, ignore_errors=True)
+        gallery = GalleryIndex.create(bundle.embedding_dim, bundle.fingerprint, target, factory)
+    known = gallery.known_contents()
+    hashes = [hashlib.sha256(path.read_bytes()).hexdigest() for path in good]
+    new = [(path, sha) for path, sha in zip(good, hashes, strict=True) if sha not in known]
+    log.info("%d images, %d already indexed, %d to add", len(good), len(good) - len(new), len(new))
+    embeddings = bundle.embed_files([path for path, _ in new], batch_size, workers)
+    # Label by the path as found (a symlink may point outside the gallery); store it resolved.
+    items = [NewItem(str(p.resolve()), label_of(p, gallery_dir), sha256=s) for p, s in new]
+    gallery.add(embeddings, items)
+    if target != out_dir:
+        gallery.rebuild()  # the index kind for the final size, tuned
+    gallery.close()
+    if target != out_dir:
+        replace_directory(target, out_dir)
     return gallery
+
+
+def _open_for_update(out_dir: Path, bundle: Bundle, factory: str | None) -> GalleryIndex | None:
+    """The existing index at out_dir when it is of this bundle's model, else None."""
+    try:
+        return GalleryIndex.load(out_dir, bundle.fingerprint, factory=factory)
+    except IndexMissing:
+        return None
+    except ModelMismatch:
+        log.warning("the bundle changed since %s was built: rebuilding it from scratch", out_dir)
+        return None
 
 
 def serve(settings: Settings, host: str = "127.0.0.1", port: int = 8000) -> None:
@@ -75,3 +120,74 @@ def demo(workdir: Path, config: TrainConfig, host: str, port: int, serve_it: boo
     if serve_it:
         serve(Settings(bundle_dir=bundle_dir, device=config.device), host, port)
     return bundle_dir
+
+
+def evaluate_folder(
+    data_dir: Path,
+    bundle_dir: Path,
+    out_dir: Path | None = None,
+    index_dir: Path | None = None,
+    use_index: bool = True,
+    knn_k: int = 5,
+    target_precision: float = 0.95,
+    batch_size: int = 32,
+    workers: int = 2,
+    device: str = "auto",
+) -> dict[str, Any]:
+    """Evaluate a bundle on held-out class folders; write report.json and report.html.
+
+    The gallery is index_dir, else BUNDLE/index when it exists, else (or with use_index=False)
+    the evaluation images themselves, each query leaving itself out.
+    """
+    bundle = Bundle.load(bundle_dir, device)
+    images = list_eval_images(data_dir)
+    if not images.paths:
+        raise DatasetError(f"{data_dir} has no class subfolders with readable images to evaluate")
+    probabilities, embeddings = bundle.classify_files(images.paths, batch_size, workers)
+    gallery_dir = index_dir or bundle_dir / "index"
+    if use_index and (index_dir is not None or gallery_dir.exists()):
+        gallery = GalleryIndex.load(gallery_dir, bundle.fingerprint)
+        neighbours = _gallery_neighbours(gallery, embeddings, images.paths, knn_k, gallery_dir)
+    else:
+        neighbours = leave_one_out(embeddings, images.folders, knn_k)
+    report = evaluate(
+        probabilities,
+        images.folders,
+        bundle.config.classes,
+        neighbours,
+        knn_k=knn_k,
+        target_precision=target_precision,
+        threshold=bundle.config.threshold,
+        bundle_info={
+            "path": str(bundle_dir),
+            "backbone": bundle.config.backbone,
+            "fingerprint": bundle.fingerprint,
+            "data": str(data_dir),
+        },
+    )
+    history_file = bundle_dir / METRICS_FILE
+    history = json.loads(history_file.read_text()) if history_file.is_file() else None
+    write_report(out_dir or bundle_dir / "eval", report, history)
+    return report
+
+
+def _gallery_neighbours(
+    gallery: GalleryIndex, embeddings: Any, paths: list[Path], knn_k: int, index_dir: Path
+) -> Neighbours:
+    """Each query's nearest gallery items, leaving out the item that is the query's own file."""
+    counts = gallery.labels()
+    found = gallery.search(embeddings, neighbours_needed(counts, knn_k))
+    rows, in_gallery = [], []
+    for path, hits in zip(paths, found, strict=True):
+        own = str(path.resolve())
+        kept = [hit for hit in hits if hit.path != own]
+        rows.append(kept)
+        in_gallery.append(len(kept) < len(hits))
+    width = min(len(row) for row in rows)  # the same K for every query
+    return Neighbours(
+        labels=[[hit.label for hit in row[:width]] for row in rows],
+        scores=np.array([[hit.score for hit in row[:width]] for row in rows], dtype=np.float32),
+        in_gallery=np.array(in_gallery, dtype=bool),
+        label_counts=counts,
+        source=f"index {index_dir} ({len(gallery)} images)",
+    )

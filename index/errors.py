@@ -15,3 +15,15 @@ class ModelMismatch(IndexProblem):
 
 class EmptyIndex(IndexProblem):
     """The index holds no items, so there is nothing to search."""
+
+
+class ItemNotFound(IndexProblem):
+    """No item of the collection has that id."""
+
+
+class DuplicateExternalId(IndexProblem):
+    """Another item of the collection already carries that external id."""
+
+
+class IndexCorrupt(IndexProblem):
+    """The item database cannot be read; the index is refused rather than served empty."""

@@ -15,6 +15,7 @@ from PIL import Image
 from app.main import create_app
 from app.settings import Settings
 from app.stages import index_folder
+from index.gallery import GalleryIndex
 from models.bundle import Bundle
 
 
@@ -67,14 +68,33 @@ def test_classify(client: TestClient, shapes_dir: Path) -> None:
     assert {p["label"] for p in body["predictions"]} <= {"circle", "square", "star", "triangle"}
 
 
+def reencoded(data: bytes) -> bytes:
+    """The same pixels in other bytes: not the stored file, but the same embedding."""
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(data)).save(buffer, "PNG", compress_level=1)
+    assert buffer.getvalue() != data
+    return buffer.getvalue()
+
+
 def test_similar_finds_the_indexed_image_first(client: TestClient, shapes_dir: Path) -> None:
     path = shapes_dir / "circle" / "circle_003.png"
-    body = client.post("/similar?k=4", files=upload(path.read_bytes())).json()
+    body = client.post("/similar?k=4", files=upload(reencoded(path.read_bytes()))).json()
     neighbours = body["neighbours"]
     assert len(neighbours) == 4
     assert neighbours[0]["path"] == str(path.resolve()) and neighbours[0]["label"] == "circle"
     assert neighbours[0]["score"] == pytest.approx(1.0, abs=1e-4)
     assert set(neighbours[0]) == {"id", "label", "path", "score"}
+
+
+def test_similar_leaves_out_the_query_itself_and_filters_by_label(
+    client: TestClient, shapes_dir: Path
+) -> None:
+    path = shapes_dir / "circle" / "circle_003.png"
+    body = client.post("/similar?k=40", files=upload(path.read_bytes())).json()
+    paths = [n["path"] for n in body["neighbours"]]
+    assert str(path.resolve()) not in paths and len(paths) == 39
+    body = client.post("/similar?k=40&label=star", files=upload(path.read_bytes())).json()
+    assert [n["label"] for n in body["neighbours"]] == ["star"] * 10
 
 
 @pytest.mark.parametrize(
@@ -122,3 +142,28 @@ def test_an_index_of_another_model_is_refused_at_startup(
     settings = Settings(bundle_dir=tmp_path, index_dir=indexed_bundle / "index", device="cpu")
     with pytest.raises(ModelMismatch), TestClient(create_app(settings)):
         pass
+
+
+@pytest.mark.slow
+def test_indexing_again_adds_only_new_files_and_a_new_bundle_rebuilds(
+    trained_bundle_dir: Path, shapes_dir: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "gallery"
+    for name in ("circle", "star"):
+        shutil.copytree(shapes_dir / name, folder / name)
+    bundle = Bundle.load(trained_bundle_dir, "cpu")
+    first = index_folder(folder, bundle, tmp_path / "index", workers=0)
+    assert len(first) == 20
+    shutil.copytree(shapes_dir / "square", folder / "square")
+    shutil.copy(folder / "star" / "star_000.png", folder / "square" / "same_bytes.png")
+    again = index_folder(folder, bundle, tmp_path / "index", workers=0)
+    assert len(again) == 30  # the copy of star_000 is already indexed
+    reloaded = GalleryIndex.load(tmp_path / "index", bundle.fingerprint)
+    assert reloaded.get(1).path == str((folder / "circle" / "circle_000.png").resolve())
+    assert reloaded.labels() == {"circle": 10, "star": 10, "square": 10}
+    reloaded.close()
+
+    other = Bundle.pretrained("resnet18", weights="none", device="cpu")
+    rebuilt = index_folder(folder, other, tmp_path / "index", workers=0)
+    assert len(rebuilt) == 31 and rebuilt.fingerprint == other.fingerprint
+    assert GalleryIndex.load(tmp_path / "index", other.fingerprint).dim == other.embedding_dim

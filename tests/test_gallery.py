@@ -1,15 +1,19 @@
-"""The gallery index: exact search, metadata, atomic saves, and the model check."""
+"""The gallery as a living collection: exact search, filters, adds and deletes, duplicates,
+durability of the SQLite store and recovery of the FAISS snapshot."""
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 
-import faiss
 import numpy as np
 import pytest
 
-from index.errors import EmptyIndex, IndexMissing, ModelMismatch
-from index.gallery import CURRENT, GalleryIndex
+from index.errors import DuplicateExternalId, EmptyIndex, IndexMissing, ItemNotFound, ModelMismatch
+from index.gallery import GalleryIndex
+from index.snapshot import INFO_FILE
+from index.store import NewItem
 
 
 def unit_vectors(n: int, dim: int, seed: int) -> np.ndarray:
@@ -17,79 +21,177 @@ def unit_vectors(n: int, dim: int, seed: int) -> np.ndarray:
     return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
 
-@pytest.fixture
-def gallery() -> GalleryIndex:
-    gallery = GalleryIndex.create(16, "abc")
-    vectors = unit_vectors(200, 16, seed=0)
-    gallery.add(
-        vectors,
-        [f"/g/{i}.png" for i in range(200)],
-        ["odd" if i % 2 else "even" for i in range(200)],
-    )
+def items(n: int, start: int = 0) -> list[NewItem]:
+    return [NewItem(f"/g/{i}.png", "odd" if i % 2 else "even") for i in range(start, start + n)]
+
+
+VECTORS = unit_vectors(200, 16, seed=0)
+
+
+def filled(directory: Path | None = None, factory: str | None = None) -> GalleryIndex:
+    gallery = GalleryIndex.create(16, "abc", directory, factory=factory)
+    ids = [a.id for a in gallery.add(VECTORS, items(200))]
+    assert ids == list(range(1, 201))  # ids start at 1; item i has id i + 1
     return gallery
 
 
+@pytest.fixture
+def gallery() -> GalleryIndex:
+    return filled()
+
+
+def brute_force(queries: np.ndarray, keep: np.ndarray, k: int) -> list[list[int]]:
+    scores = queries @ VECTORS.T
+    scores[:, ~keep] = -np.inf
+    return (np.argsort(-scores, axis=1)[:, :k] + 1).tolist()
+
+
+def ids_of(found: list) -> list[list[int]]:
+    return [[n.id for n in row] for row in found]
+
+
 def test_search_equals_brute_force(gallery: GalleryIndex) -> None:
-    vectors = unit_vectors(200, 16, seed=0)
     queries = unit_vectors(5, 16, seed=1)
-    expected = np.argsort(-(queries @ vectors.T), axis=1)[:, :7]
     found = gallery.search(queries, 7)
-    assert [[n.id for n in row] for row in found] == expected.tolist()
+    assert ids_of(found) == brute_force(queries, np.ones(200, bool), 7)
     best = found[0][0]
-    assert best.path == f"/g/{best.id}.png" and best.label == ("odd" if best.id % 2 else "even")
-    assert best.score == pytest.approx(float(queries[0] @ vectors[best.id]), abs=1e-5)
+    assert best.path == f"/g/{best.id - 1}.png"
+    assert best.label == ("odd" if (best.id - 1) % 2 else "even")
+    assert best.score == pytest.approx(float(queries[0] @ VECTORS[best.id - 1]), abs=1e-5)
 
 
-def test_an_item_finds_itself_first(gallery: GalleryIndex) -> None:
-    vectors = unit_vectors(200, 16, seed=0)
-    top = gallery.search(vectors[42], 1)[0][0]
-    assert top.id == 42 and top.score == pytest.approx(1.0, abs=1e-5)
+def test_label_filter_and_exclusion_are_exact(gallery: GalleryIndex) -> None:
+    queries = unit_vectors(4, 16, seed=2)
+    odd = np.arange(200) % 2 == 1
+    assert ids_of(gallery.search(queries, 5, label="odd")) == brute_force(queries, odd, 5)
+    top = gallery.search(queries, 1)[0][0].id
+    keep = odd.copy()
+    keep[top - 1] = False
+    found = gallery.search(queries[:1], 5, label="odd", exclude=[top])
+    assert ids_of(found) == brute_force(queries[:1], keep, 5)
+    assert gallery.search(queries, 3, label="no such label") == [[], [], [], []]
 
 
-def test_save_load_round_trip(gallery: GalleryIndex, tmp_path: Path) -> None:
-    gallery.save(tmp_path / "idx")
-    loaded = GalleryIndex.load(tmp_path / "idx", fingerprint="abc")
+def test_search_by_id_leaves_the_item_out(gallery: GalleryIndex) -> None:
+    keep = np.ones(200, bool)
+    keep[41] = False
+    found = gallery.search_by_id(42, 6)
+    assert [n.id for n in found] == brute_force(VECTORS[41:42], keep, 6)[0]
+    with pytest.raises(ItemNotFound):
+        gallery.search_by_id(999, 3)
+
+
+def test_deleted_items_are_gone(gallery: GalleryIndex) -> None:
+    top = gallery.search(VECTORS[10], 1)[0][0]
+    assert top.id == 11 and top.score == pytest.approx(1.0, abs=1e-5)
+    assert gallery.delete(11).path == "/g/10.png"
+    assert len(gallery) == 199 and gallery.consistent()
+    assert 11 not in ids_of(gallery.search(VECTORS[10], 200))[0]
+    with pytest.raises(ItemNotFound):
+        gallery.delete(11)
+    with pytest.raises(ItemNotFound):
+        gallery.get(11)
+
+
+@pytest.mark.parametrize("factory", ["HNSW16", "IVF4,Flat"])  # hides / removes deleted ids
+def test_approximate_indexes_never_return_deleted_items(tmp_path: Path, factory: str) -> None:
+    gallery = filled(tmp_path / "idx", factory=factory)
+    for item_id in range(1, 201, 3):
+        gallery.delete(item_id)
+    found = ids_of(gallery.search(VECTORS, 20))
+    assert not {i for row in found for i in row} & set(range(1, 201, 3))
+    assert gallery.consistent() and len(gallery) == 200 - 67
+    gallery.close()
+    reloaded = GalleryIndex.load(tmp_path / "idx", factory=factory)
+    assert reloaded.consistent() and len(reloaded) == 133
+    assert not {i for row in ids_of(reloaded.search(VECTORS, 20)) for i in row} & set(
+        range(1, 201, 3)
+    )
+
+
+def test_near_duplicates_are_flagged_and_optionally_skipped(gallery: GalleryIndex) -> None:
+    nearly = VECTORS[5] + 0.01 * unit_vectors(1, 16, seed=3)[0]
+    nearly /= np.linalg.norm(nearly)
+    fresh = unit_vectors(1, 16, seed=4)[0]
+    added = gallery.add(np.stack([nearly, fresh, fresh]), items(3, 500), duplicate_threshold=0.97)
+    assert added[0].duplicate_of == 6 and added[0].duplicate_score > 0.97
+    assert added[1].duplicate_of is None and added[1].id == 202
+    assert added[2].duplicate_of == 202 and added[2].duplicate_score == pytest.approx(1.0)
+    skipped = gallery.add(nearly[None], items(1), duplicate_threshold=0.97, skip_duplicates=True)
+    assert skipped[0].id is None and skipped[0].duplicate_of == 201  # its first copy
+    assert len(gallery) == 203
+
+
+def test_external_ids_are_unique(gallery: GalleryIndex) -> None:
+    one = gallery.add(VECTORS[:1], [NewItem("/a.png", external_id="sku-1")])[0].id
+    assert gallery.get(one).external_id == "sku-1"
+    with pytest.raises(DuplicateExternalId, match="sku-1"):
+        gallery.add(VECTORS[:1], [NewItem("/b.png", external_id="sku-1")])
+    assert len(gallery) == 201 and gallery.consistent()
+
+
+def test_reload_serves_the_same_and_ids_are_never_reused(tmp_path: Path) -> None:
+    gallery = filled(tmp_path / "idx")
+    gallery.delete(200)
     queries = unit_vectors(3, 16, seed=2)
-    assert loaded.search(queries, 5) == gallery.search(queries, 5)
-    assert loaded.labels() == {"even": 100, "odd": 100}
+    before = gallery.search(queries, 5)
+    gallery.close()
+    loaded = GalleryIndex.load(tmp_path / "idx", fingerprint="abc")
+    assert loaded.search(queries, 5) == before
+    assert loaded.labels() == {"even": 100, "odd": 99}
+    assert [a.id for a in loaded.add(unit_vectors(2, 16, 5), items(2))] == [201, 202]
 
 
-def test_ids_continue_after_reload(gallery: GalleryIndex, tmp_path: Path) -> None:
-    gallery.save(tmp_path)
-    loaded = GalleryIndex.load(tmp_path)
-    assert loaded.add(unit_vectors(2, 16, 5), ["a", "b"], [None, None]) == [200, 201]
+def test_changes_after_the_snapshot_are_caught_up(tmp_path: Path) -> None:
+    gallery = filled(tmp_path / "idx")
+    gallery.snapshot()
+    gallery.delete(7)
+    gallery.add(unit_vectors(1, 16, 9), items(1))
+    gallery.store.close()  # as if killed: no final snapshot
+    loaded = GalleryIndex.load(tmp_path / "idx")
+    assert len(loaded) == 200 and loaded.consistent() and loaded.last_change == 202
+    assert 7 not in ids_of(loaded.search(VECTORS[6], 10))[0]
 
 
-def test_another_models_index_is_refused(gallery: GalleryIndex, tmp_path: Path) -> None:
-    gallery.save(tmp_path)
+@pytest.mark.parametrize("damage", ["truncate", "other model", "delete"])
+def test_a_bad_snapshot_is_rebuilt_loudly(
+    tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    gallery = filled(tmp_path)
+    gallery.close()
+    info = json.loads((tmp_path / INFO_FILE).read_text())
+    if damage == "truncate":
+        (tmp_path / info["file"]).write_bytes(b"\0" * 100)
+    elif damage == "other model":
+        (tmp_path / INFO_FILE).write_text(json.dumps({**info, "fingerprint": "zzz"}))
+    else:
+        (tmp_path / INFO_FILE).unlink()
+    with caplog.at_level(logging.WARNING, logger="index.gallery"):
+        loaded = GalleryIndex.load(tmp_path, fingerprint="abc")
+    assert "REBUILDING" in caplog.text
+    assert len(loaded) == 200 and loaded.consistent()
+    assert loaded.search(VECTORS[3], 1)[0][0].id == 4
+
+
+def test_another_models_index_is_refused(tmp_path: Path) -> None:
+    filled(tmp_path).close()
     with pytest.raises(ModelMismatch, match="imgsim index"):
         GalleryIndex.load(tmp_path, fingerprint="other")
 
 
-def test_missing_and_empty_indexes(tmp_path: Path) -> None:
+def test_missing_old_and_empty_indexes(tmp_path: Path) -> None:
     with pytest.raises(IndexMissing):
+        GalleryIndex.load(tmp_path)
+    (tmp_path / "CURRENT").write_text("v-1")
+    with pytest.raises(IndexMissing, match="old format"):
         GalleryIndex.load(tmp_path)
     with pytest.raises(EmptyIndex):
         GalleryIndex.create(4, "x").search(np.ones((1, 4), np.float32), 3)
-
-
-def test_a_crash_mid_write_leaves_the_previous_index(
-    gallery: GalleryIndex, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    gallery.save(tmp_path)
-    before = (tmp_path / CURRENT).read_text()
-    gallery.add(unit_vectors(1, 16, 9), ["/new.png"], ["new"])
-
-    def crash(*args: object) -> None:
-        raise OSError("disk full")
-
-    monkeypatch.setattr(faiss, "write_index", crash)
-    with pytest.raises(OSError, match="disk full"):
-        gallery.save(tmp_path)
-    assert (tmp_path / CURRENT).read_text() == before
-    assert len(GalleryIndex.load(tmp_path)) == 200
+    with pytest.raises(FileExistsError):
+        filled(tmp_path / "idx")
+        GalleryIndex.create(16, "abc", tmp_path / "idx")
 
 
 def test_shapes_are_checked(gallery: GalleryIndex) -> None:
     with pytest.raises(ValueError, match=r"shape \(n, 16\)"):
-        gallery.add(np.zeros((1, 8), np.float32), ["x"], [None])
+        gallery.add(np.zeros((1, 8), np.float32), [NewItem("x")])
