@@ -32,7 +32,7 @@ import numpy as np
 
 from index.errors import EmptyIndex, IndexMissing, ItemNotFound, ModelMismatch
 from index.locks import ReadWriteLock
-from index.snapshot import SnapshotUnusable, read_snapshot, write_snapshot
+from index.snapshot import SnapshotUnusable, read_snapshot, write_atomically, write_snapshot
 from index.store import Item, ItemStore, NewItem
 
 try:  # index kinds chosen by collection size; index/kinds.py is written alongside this module
@@ -520,24 +520,9 @@ def _resolve(match: tuple[str, int, float], id_of: dict[int, int]) -> tuple[int 
 
 
 def _keep_file(path: Path, content: bytes) -> None:
-    if path.exists():
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:6]}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(content)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    _fsync_directory(path.parent)  # the name too must survive a power loss
-
-
-def _fsync_directory(directory: Path) -> None:
-    handle = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(handle)
-    finally:
-        os.close(handle)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(path, content)
 
 
 def _remove_leftovers(directory: Path) -> None:

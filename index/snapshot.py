@@ -32,9 +32,9 @@ class SnapshotUnusable(Exception):
 def write_snapshot(directory: Path, data: np.ndarray, info: dict[str, Any]) -> None:
     """Write serialised index bytes and their info atomically, then drop older snapshots."""
     name = f"{PREFIX}{info['last_seq']}-{uuid.uuid4().hex[:8]}.faiss"
-    _write_atomically(directory / name, data.tobytes())
+    write_atomically(directory / name, data.tobytes())
     info = {**info, "file": name, "sha256": hashlib.sha256(data).hexdigest()}
-    _write_atomically(directory / INFO_FILE, json.dumps(info, indent=2).encode())
+    write_atomically(directory / INFO_FILE, json.dumps(info, indent=2).encode())
     for old in directory.glob(f"{PREFIX}*.faiss"):
         if old.name != name:
             old.unlink(missing_ok=True)
@@ -59,7 +59,9 @@ def read_snapshot(directory: Path) -> tuple[faiss.Index, dict[str, Any]]:
     return index, info
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write to a temporary name, fsync, rename over path, fsync the folder (the name too must
+    survive a power loss)."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:6]}.tmp")
     with open(tmp, "wb") as handle:
         handle.write(data)
