@@ -30,15 +30,11 @@ from typing import Any
 import faiss
 import numpy as np
 
+from index import kinds
 from index.errors import EmptyIndex, IndexMissing, ItemNotFound, ModelMismatch
 from index.locks import ReadWriteLock
 from index.snapshot import SnapshotUnusable, read_snapshot, write_atomically, write_snapshot
 from index.store import Item, ItemStore, NewItem
-
-try:  # index kinds chosen by collection size; index/kinds.py is written alongside this module
-    from index import kinds
-except ImportError:  # pragma: no cover - until it lands, every index is exact
-    kinds = None
 
 log = logging.getLogger(__name__)
 
@@ -354,7 +350,8 @@ class GalleryIndex:
         if label is not None and hidden:
             selectors.append(faiss.IDSelectorAnd(selectors[0], selectors[-1]))
         params = _search_parameters(self.index, selectors[-1]) if selectors else None
-        scores, ids = self.index.search(queries, min(k, self.index.ntotal), params=params)
+        distances, ids = self.index.search(queries, min(k, self.index.ntotal), params=params)
+        scores = kinds.similarities(self.index, distances)  # IVF kinds search by L2
         rows = self.store.rows({int(i) for i in ids.ravel() if i >= 0})
         return [
             [
@@ -444,7 +441,7 @@ class GalleryIndex:
         factory = self._factory_override or _choose_factory(count, self.dim)
         index = _new_index(self.dim, factory)
         chunks = list(self.store.embeddings(self.dim))
-        if chunks and kinds is not None:
+        if chunks:
             kinds.train_if_needed(index, chunks[0][1])
         for ids, vectors in chunks:
             index.add_with_ids(vectors, ids)
@@ -532,18 +529,16 @@ def _remove_leftovers(directory: Path) -> None:
 
 
 def _choose_factory(count: int, dim: int) -> str:
-    return kinds.choose_factory(max(count, 1), dim) if kinds is not None else EXACT
+    return kinds.choose_factory(max(count, 1), dim)
 
 
 def _new_index(dim: int, factory: str) -> faiss.Index:
-    if kinds is not None:
-        return kinds.build_index(dim, factory)
-    return faiss.index_factory(dim, f"IDMap2,{factory}", faiss.METRIC_INNER_PRODUCT)
+    return kinds.build_index(dim, factory)
 
 
 def _tune(index: faiss.Index, chunks: list[tuple[np.ndarray, np.ndarray]], factory: str) -> dict:
     """Tune an approximate index to the recall target on a sample of stored embeddings."""
-    if kinds is None or factory == EXACT or not chunks:
+    if factory == EXACT or not chunks:
         return {}
     ids = np.concatenate([c[0] for c in chunks])
     vectors = np.concatenate([c[1] for c in chunks])
@@ -558,7 +553,7 @@ def _tune(index: faiss.Index, chunks: list[tuple[np.ndarray, np.ndarray]], facto
 
 
 def _apply_search_params(index: faiss.Index, params: dict[str, Any]) -> None:
-    if params and kinds is not None:
+    if params:
         kinds.apply_search_params(index, params)
 
 

@@ -93,6 +93,15 @@ def test_deleted_items_are_gone(gallery: GalleryIndex) -> None:
         gallery.get(11)
 
 
+@pytest.mark.parametrize("factory", ["Flat", "HNSW16", "IVF4,Flat"])
+def test_scores_are_cosine_similarities_for_every_kind(tmp_path: Path, factory: str) -> None:
+    gallery = filled(tmp_path / "idx", factory=factory)  # IVF kinds search by L2 inside
+    for neighbour in gallery.search(VECTORS[7], 5)[0]:
+        expected = float(VECTORS[7] @ VECTORS[neighbour.id - 1])
+        assert neighbour.score == pytest.approx(expected, abs=1e-4)
+    assert gallery.search(VECTORS[7], 1)[0][0].score == pytest.approx(1.0, abs=1e-4)
+
+
 @pytest.mark.parametrize("factory", ["HNSW16", "IVF4,Flat"])  # hides / removes deleted ids
 def test_approximate_indexes_never_return_deleted_items(tmp_path: Path, factory: str) -> None:
     gallery = filled(tmp_path / "idx", factory=factory)
