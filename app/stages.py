@@ -106,9 +106,9 @@ def demo(workdir: Path, config: TrainConfig, host: str, port: int, serve_it: boo
             raise
         print(
             f"imgsim demo: ImageNet weights for {config.backbone} are not available (offline, "
-            "nothing cached), so the demo trains from scratch."
+            "nothing cached), so the demo trains from scratch (no head-only warm-up)."
         )
-        bundle = train(data_dir, bundle_dir, replace(config, weights="none"))
+        bundle = train(data_dir, bundle_dir, replace(config, weights="none", warmup_epochs=0))
     index_folder(data_dir, bundle, bundle_dir / "index", workers=config.workers)
     example = next(iter(sorted((data_dir / "star").glob("*.png"))))
     url = f"http://{host}:{port}"

@@ -68,8 +68,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--queries", type=int, default=1_000)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--latency-seconds", type=float, default=30.0)
-    parser.add_argument("--budget-fraction", type=float, default=0.25,
-                        help="memory budget for the IVF-PQ row, as a fraction of flat float32")
+    parser.add_argument(
+        "--budget-fraction",
+        type=float,
+        default=0.25,
+        help="memory budget for the IVF-PQ row, as a fraction of flat float32",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/index_scale.json"))
     parser.add_argument("--markdown", type=Path, default=None, help="also write the table here")
@@ -90,15 +94,19 @@ def synthetic_embeddings(n: int, dim: int, seed: int) -> np.ndarray:
         chunk = latent @ lift
         chunk += NOISE * rng.standard_normal((size, dim), dtype=np.float32)
         faiss.normalize_L2(chunk)
-        out[start:start + size] = chunk
+        out[start : start + size] = chunk
     return out
 
 
 def make_gallery(n: int, dim: int, queries: int, seed: int) -> Gallery:
     """Synthetic gallery of `n` with `queries` tuning and `queries` held-out queries."""
     x = synthetic_embeddings(n + 2 * queries, dim, seed)
-    return Gallery(base=x[:n], ids=np.arange(n, dtype=np.int64),
-                   tune_queries=x[n:n + queries], queries=x[n + queries:])
+    return Gallery(
+        base=x[:n],
+        ids=np.arange(n, dtype=np.int64),
+        tune_queries=x[n : n + queries],
+        queries=x[n + queries :],
+    )
 
 
 def batch1_latency_ms(index: faiss.Index, queries: np.ndarray, budget_s: float) -> np.ndarray:
@@ -116,19 +124,31 @@ def batch1_latency_ms(index: faiss.Index, queries: np.ndarray, budget_s: float) 
     return 1e3 * np.array(latencies)
 
 
-def measure(label: str, factory: str, index: faiss.Index, build_s: float,
-            gallery: Gallery, args: argparse.Namespace) -> dict:
+def measure(
+    label: str,
+    factory: str,
+    index: faiss.Index,
+    build_s: float,
+    gallery: Gallery,
+    args: argparse.Namespace,
+) -> dict:
     """Tune `index`, then measure memory, batch-1 latency and held-out recall."""
     params = kinds.tune_search(index, gallery.tune_queries, gallery.tune_truth, TARGET_RECALL, K)
     recall = kinds.recall_at_k(index.search(gallery.queries, K)[1], gallery.truth, K)
     latencies = batch1_latency_ms(index, gallery.queries, args.latency_seconds)
     n, dim = gallery.base.shape
     row = {
-        "n": n, "dim": dim, "kind": label, "factory": factory, "build_s": build_s,
+        "n": n,
+        "dim": dim,
+        "kind": label,
+        "factory": factory,
+        "build_s": build_s,
         "bytes_per_vector": faiss.serialize_index(index).nbytes / n,
         "p50_ms": float(np.percentile(latencies, 50)),
-        "p99_ms": float(np.percentile(latencies, 99)), "timed_queries": len(latencies),
-        "recall_at_10": recall, "tune_recall": params["recall"],
+        "p99_ms": float(np.percentile(latencies, 99)),
+        "timed_queries": len(latencies),
+        "recall_at_10": recall,
+        "tune_recall": params["recall"],
         "search_params": {k: v for k, v in params.items() if k in ("efSearch", "nprobe")},
     }
     logger.info("%s", json.dumps(row))
@@ -153,8 +173,10 @@ def benchmark_size(n: int, dim: int, args: argparse.Namespace) -> list[dict]:
     rows = [measure("exact", "Flat", exact, build_s, gallery, args)]
     del exact
     budget = int(args.budget_fraction * n * dim * kinds.FLOAT_BYTES)
-    for label, factory in (("auto", kinds.choose_factory(n, dim)),
-                           ("memory-short", kinds.choose_factory(n, dim, budget))):
+    for label, factory in (
+        ("auto", kinds.choose_factory(n, dim)),
+        ("memory-short", kinds.choose_factory(n, dim, budget)),
+    ):
         if factory != "Flat":
             index, build_s = build(factory, gallery.base, gallery.ids)
             rows.append(measure(label, factory, index, build_s, gallery, args))
@@ -185,10 +207,11 @@ def flat_sweep(args: argparse.Namespace) -> None:
         x = synthetic_embeddings(max(FLAT_SWEEP_FLOATS) // dim + args.queries, dim, args.seed)
         for floats in FLAT_SWEEP_FLOATS:
             index = faiss.IndexFlatIP(dim)
-            index.add(x[:floats // dim])
-            p50 = np.percentile(batch1_latency_ms(index, x[-args.queries:], 10.0), 50)
-            print(f"dim={dim} n={floats // dim} floats=2**{floats.bit_length() - 1} "
-                  f"p50={p50:.2f} ms")
+            index.add(x[: floats // dim])
+            p50 = np.percentile(batch1_latency_ms(index, x[-args.queries :], 10.0), 50)
+            print(
+                f"dim={dim} n={floats // dim} floats=2**{floats.bit_length() - 1} p50={p50:.2f} ms"
+            )
 
 
 def main() -> None:
@@ -201,9 +224,11 @@ def main() -> None:
         return
     started = time.perf_counter()
     rows = [row for n in args.sizes for dim in args.dims for row in benchmark_size(n, dim, args)]
-    header = (f"FAISS {faiss.__version__}, {args.threads} OpenMP threads for build/tuning, "
-              f"1 for batch-1 latency; {os.cpu_count()} CPU cores; {args.queries} tuning + "
-              f"{args.queries} held-out queries; wall time {time.perf_counter() - started:.0f} s")
+    header = (
+        f"FAISS {faiss.__version__}, {args.threads} OpenMP threads for build/tuning, "
+        f"1 for batch-1 latency; {os.cpu_count()} CPU cores; {args.queries} tuning + "
+        f"{args.queries} held-out queries; wall time {time.perf_counter() - started:.0f} s"
+    )
     table = f"{header}\n\n{markdown_table(rows)}\n"
     print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)

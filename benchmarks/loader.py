@@ -5,7 +5,7 @@ the same shape. "loader": Tux Paint stamps decoded, augmented and batched by the
 DataLoader (`workers` processes). "memory": the same number of batches, made beforehand and
 held as tensors. Ratio = loader / memory; the target is >= 0.9.
 
-    python benchmarks/loader.py [--stamps DIR] [--workers N] [--batch-size B] [--image-size PX]
+    python benchmarks/loader.py [--backbone NAME] [--workers N] [--batch-size B] [--image-size PX]
 
 Writes benchmarks/loader.md.
 """
@@ -13,6 +13,7 @@ Writes benchmarks/loader.md.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -51,13 +52,14 @@ def main() -> None:
     parser.add_argument("--stamps", type=Path, default=STAMPS)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--backbone", default="densenet121")
     parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args()
     paths = find_images(args.stamps)
     names = sorted({label_of(path, args.stamps) for path in paths})
     samples = [Sample(path, names.index(label_of(path, args.stamps))) for path in paths]
-    pre = replace(preprocessing_for("resnet18"), crop_size=args.image_size,
+    pre = replace(preprocessing_for(args.backbone), crop_size=args.image_size,
                   resize_size=round(args.image_size * 256 / 224))  # fmt: skip
     dataset = ImageDataset(samples, train_transform(pre), pre.resize_size * 2)
     loader = DataLoader(
@@ -69,7 +71,7 @@ def main() -> None:
         generator=torch.Generator().manual_seed(0),
     )
     torch.manual_seed(0)
-    net = build_net("resnet18", len(names), "none")
+    net = build_net(args.backbone, len(names), "none")
     steps = args.steps
     needed = steps + 3
     assert len(loader) >= needed, "not enough images for the steps asked"
@@ -80,13 +82,13 @@ def main() -> None:
     lines = [
         "# Input pipeline benchmark",
         "",
-        f"`python benchmarks/loader.py --workers {args.workers} --batch-size {args.batch_size} "
-        f"--image-size {args.image_size} --steps {steps}`",
+        f"`python benchmarks/loader.py --backbone {args.backbone} --workers {args.workers} "
+        f"--batch-size {args.batch_size} --image-size {args.image_size} --steps {steps}`",
         "",
-        f"resnet18 training steps (forward, backward, AdamW) on batches of {args.batch_size} "
+        f"{args.backbone} training steps (forward, backward, AdamW), batches of {args.batch_size} "
         f"{args.image_size} px images; {len(samples)} Tux Paint stamps (PNG with alpha), "
         f"{args.workers} DataLoader workers doing decoding and augmentation; "
-        f"torch threads: {torch.get_num_threads()}; CPU only, 2 cores shared with other jobs.",
+        f"torch threads: {torch.get_num_threads()}; CPU only, {os.cpu_count()} cores.",
         "",
         "| input | steps/s |",
         "|---|---|",
