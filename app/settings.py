@@ -39,7 +39,13 @@ class Settings(BaseSettings):
     def _bundle_exists(cls, value: Path | None) -> Path | None:
         if value is not None and not value.is_dir():
             raise ValueError(f"bundle folder {value} does not exist")
-        return value
+        return value.resolve() if value is not None else None
+
+    @field_validator("index_dir")
+    @classmethod
+    def _absolute_index(cls, value: Path | None) -> Path | None:
+        # Uploaded images are stored below the index; their paths in answers are absolute.
+        return value.resolve() if value is not None else None
 
     @field_validator("backbone")
     @classmethod

@@ -167,3 +167,12 @@ def test_indexing_again_adds_only_new_files_and_a_new_bundle_rebuilds(
     rebuilt = index_folder(folder, other, tmp_path / "index", workers=0)
     assert len(rebuilt) == 31 and rebuilt.fingerprint == other.fingerprint
     assert GalleryIndex.load(tmp_path / "index", other.fingerprint).dim == other.embedding_dim
+
+
+def test_relative_folders_are_made_absolute(
+    trained_bundle_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(trained_bundle_dir.parent)
+    settings = Settings(bundle_dir=Path(trained_bundle_dir.name), index_dir=Path("idx"))
+    assert settings.bundle_dir == trained_bundle_dir.resolve()
+    assert settings.index_dir == (trained_bundle_dir.parent / "idx").resolve()
