@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def tool(name: str) -> str:
-    path = shutil.which(name)
+    """A console script of the test extra: beside this Python (the venv need not be active)."""
+    beside = Path(sys.executable).parent / name
+    path = str(beside) if beside.exists() else shutil.which(name)
     assert path, f"{name} is installed by the project's test extra; reinstall with .[test]"
     return path
 

@@ -16,10 +16,7 @@ import io
 import os
 import random
 import signal
-import socket
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -32,35 +29,10 @@ from PIL import Image
 
 from index.gallery import ITEMS_FILE, GalleryIndex
 from models.bundle import Bundle
+from tests.servers import free_port, start_server
 
 ROUNDS = 6
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_server(bundle_dir: Path, index_dir: Path, port: int) -> subprocess.Popen:
-    """imgsim serve in a child process, answering /health."""
-    command = [sys.executable, "-m", "app.cli", "serve", "--model", str(bundle_dir)]
-    command += ["--index", str(index_dir), "--port", str(port), "--device", "cpu"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "IMGSIM_SNAPSHOT_EVERY": "5"}
-    process = subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"imgsim serve exited:\n{process.stdout.read()}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return process
-        except httpx.TransportError:
-            time.sleep(0.2)
-    process.kill()
-    raise AssertionError("imgsim serve did not answer /health within 120 s")
+SNAPSHOT_OFTEN = {"IMGSIM_SNAPSHOT_EVERY": "5"}
 
 
 def png(seed: int) -> bytes:
@@ -121,7 +93,7 @@ def crash_rounds(bundle_dir: Path, index_dir: Path, rounds: int, seed: int = 0) 
     errors: list[BaseException] = []
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    server = start_server(bundle_dir, index_dir, port)
+    server = start_server(bundle_dir, index_dir, port, SNAPSHOT_OFTEN)
     try:
         for _ in range(rounds):
             writer = threading.Thread(
@@ -134,7 +106,7 @@ def crash_rounds(bundle_dir: Path, index_dir: Path, rounds: int, seed: int = 0) 
             writer.join()
             if errors:
                 raise errors[0]
-            server = start_server(bundle_dir, index_dir, port)
+            server = start_server(bundle_dir, index_dir, port, SNAPSHOT_OFTEN)
             check_recovered(url, index_dir, acknowledged)
     finally:
         server.kill()

@@ -3,11 +3,6 @@
 from __future__ import annotations
 
 import io
-import os
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,12 +12,7 @@ from PIL import Image
 
 from app.stages import index_folder
 from models.bundle import Bundle
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tests.servers import free_port, start_server
 
 
 @pytest.fixture(scope="module")
@@ -30,40 +20,9 @@ def server(trained_bundle_dir: Path, shapes_dir: Path, tmp_path_factory) -> Iter
     index_dir = tmp_path_factory.mktemp("e2e-index")
     index_folder(shapes_dir, Bundle.load(trained_bundle_dir, "cpu"), index_dir, workers=0)
     port = free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "app.cli",
-        "serve",
-        "--model",
-        str(trained_bundle_dir),
-        "--index",
-        str(index_dir),
-        "--port",
-        str(port),
-        "--device",
-        "cpu",
-    ]
-    process = subprocess.Popen(
-        command,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    process = start_server(trained_bundle_dir, index_dir, port)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                pytest.fail(f"imgsim serve exited:\n{process.stdout.read()}")
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("imgsim serve did not answer /health within 120 s")
         yield url
     finally:
         process.terminate()

@@ -1,0 +1,49 @@
+"""Start `imgsim serve` in a child process on a free loopback port, as a user would."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(
+    bundle_dir: Path, index_dir: Path, port: int, env: dict[str, str] | None = None
+) -> subprocess.Popen:
+    """imgsim serve in a child process, returned once it answers /health."""
+    command = [sys.executable, "-m", "app.cli", "serve", "--model", str(bundle_dir)]
+    command += ["--index", str(index_dir), "--port", str(port), "--device", "cpu"]
+    # Its log goes to a file: a pipe nobody reads would block the server once full.
+    log = tempfile.TemporaryFile("w+")
+    process = subprocess.Popen(
+        command,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            log.seek(0)
+            raise AssertionError(f"imgsim serve exited:\n{log.read()}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return process
+        except httpx.TransportError:
+            time.sleep(0.2)
+    process.kill()
+    raise AssertionError("imgsim serve did not answer /health within 120 s")
