@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import random
 import re
 import shutil
@@ -124,7 +125,7 @@ def write_markdown(rows: list[dict], args: argparse.Namespace, pretrain: dict,
     lines = [
         "# Transfer benchmark (Tux Paint stamps)",
         "",
-        "`python benchmarks/transfer.py` (resnet18, weights none, CPU, 2 shared cores).",
+        f"`python benchmarks/transfer.py` (resnet18, weights none, CPU, {os.cpu_count()} cores).",
         "",
         f"- Pre-training classes: {', '.join(SOURCE)} (at most {args.cap} images each; "
         f"{pretrain['train_images']} train / {pretrain['val_images']} val images), "
@@ -135,7 +136,7 @@ def write_markdown(rows: list[dict], args: argparse.Namespace, pretrain: dict,
         f"head, {args.image_size} px crops, augmentation on, 2 DataLoader workers.",
         "- Metrics on the held-out drawings: classifier top-1; Recall@1 and MAP@R of the test "
         "images against an index of the training images; top-1 of a similarity-weighted 5-NN "
-        "vote. s/epoch: mean wall time of an epoch (train + val) on a CPU shared with others.",
+        "vote. s/epoch: mean wall time of an epoch (train + val).",
         "",
         "| start | head | top-1 | R@1 | MAP@R | kNN-vote top-1 | s/epoch |",
         "|---|---|---|---|---|---|---|",
