@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import textwrap
 from pathlib import Path
@@ -228,7 +229,8 @@ def _run_train(args: argparse.Namespace) -> None:
     from models.training import train
 
     bundle = train(args.data_dir, args.out, _train_config(args), resume=args.resume)
-    print(f"bundle written to {args.out} (model {bundle.fingerprint})")
+    if os.environ.get("RANK", "0") == "0":  # the other ranks' BatchNorm buffers differ slightly
+        print(f"bundle written to {args.out} (model {bundle.fingerprint})")
 
 
 def _index_parser(commands: argparse._SubParsersAction) -> None:
