@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Annotated
 
 from fastapi import Depends, File, Request, UploadFile
@@ -26,12 +27,19 @@ ServiceDep = Annotated[Service, Depends(get_service)]
 
 @dataclass(frozen=True)
 class Upload:
-    """One uploaded image: its bytes, content hash, file suffix and decoded pixels."""
+    """One uploaded image: its bytes, content hash and decoded pixels."""
 
     data: bytes
     sha256: str
-    suffix: str
     image: Image.Image
+
+    @cached_property
+    def suffix(self) -> str:
+        """File suffix for storing it, from the format in its header (.png, .jpg, ...)."""
+        with Image.open(io.BytesIO(self.data)) as image:  # reads the header only
+            return {"JPEG": ".jpg", "TIFF": ".tif"}.get(
+                image.format or "", f".{(image.format or 'img').lower()}"
+            )
 
 
 def read_upload(settings: Settings, file: UploadFile) -> Upload:
@@ -41,14 +49,7 @@ def read_upload(settings: Settings, file: UploadFile) -> Upload:
     if len(data) > limit:
         raise UploadTooLarge(f"the upload is larger than the limit of {limit:,} bytes")
     image = load_image(data, max_pixels=settings.max_pixels)
-    return Upload(data, hashlib.sha256(data).hexdigest(), _suffix(data), image)
-
-
-def _suffix(data: bytes) -> str:
-    with Image.open(io.BytesIO(data)) as image:  # reads the header only
-        return {"JPEG": ".jpg", "TIFF": ".tif"}.get(
-            image.format or "", f".{(image.format or 'img').lower()}"
-        )
+    return Upload(data, hashlib.sha256(data).hexdigest(), image)
 
 
 def uploaded(service: ServiceDep, file: Annotated[UploadFile, File()]) -> Upload:
