@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from app.cli import main
 from index.gallery import GalleryIndex
@@ -93,3 +95,52 @@ def test_train_then_index(
     assert "indexed 40 images" in out
     gallery = GalleryIndex.load(bundle_dir / "index", Bundle.load(bundle_dir, "cpu").fingerprint)
     assert len(gallery) == 40 and gallery.dim == 16
+
+
+@pytest.mark.slow
+def test_no_training_needed_imagenet_model_indexes_and_serves(
+    shapes_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import torch
+    from fastapi.testclient import TestClient
+    from torchvision.models import get_model
+
+    from app.main import create_app
+    from app.settings import Settings
+    from models.backbones import imagenet_checkpoint_path
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    cached = imagenet_checkpoint_path("resnet18")
+    cached.parent.mkdir(parents=True)
+    torch.save(get_model("resnet18", weights=None).state_dict(), cached)
+    index_dir = tmp_path / "index-resnet18"
+    code, out, err = run(
+        [
+            "index",
+            str(shapes_dir / "star"),
+            "--backbone",
+            "resnet18",
+            "--out",
+            str(index_dir),
+            "--device",
+            "cpu",
+            "--workers",
+            "0",
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    assert "indexed 10 images" in out
+
+    settings = Settings(backbone="resnet18", index_dir=index_dir, device="cpu")
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/health").json()["classes"] == 1000
+        image = Image.open(shapes_dir / "star" / "star_004.png")
+        buffer = io.BytesIO()
+        image.save(buffer, "PNG", compress_level=1)  # same pixels, other bytes than the file
+        body = client.post("/similar?k=1", files={"file": ("s.png", buffer.getvalue())}).json()
+    assert body["neighbours"][0]["path"].endswith("star_004.png")
+    assert body["neighbours"][0]["score"] == pytest.approx(1.0, abs=1e-4)
