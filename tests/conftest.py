@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from torchvision.models import get_model
 
+from models.backbones import imagenet_checkpoint_path
 from models.samples import make_sample_dataset
 from models.training import TrainConfig, train
 
@@ -22,6 +24,20 @@ def _no_downloads(monkeypatch: pytest.MonkeyPatch) -> None:
         raise urllib.error.URLError(f"offline test: not downloading {url}")
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+
+
+@pytest.fixture
+def cached_resnet18(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> torch.nn.Module:
+    """A seeded resnet18 saved where torchvision's cache keeps its ImageNet weights, under a
+    temporary TORCH_HOME: the offline 'imagenet' path loads it. Returns the model saved."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    path = imagenet_checkpoint_path("resnet18")
+    assert path.parent == tmp_path / "torch" / "hub" / "checkpoints"
+    path.parent.mkdir(parents=True)
+    torch.manual_seed(1)
+    reference = get_model("resnet18", weights=None).eval()
+    torch.save(reference.state_dict(), path)
+    return reference
 
 
 @pytest.fixture(scope="session")

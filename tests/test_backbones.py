@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.models import get_model
 
-from models.backbones import BACKBONES, build_torchvision_model, imagenet_checkpoint_path
+from models.backbones import BACKBONES, build_torchvision_model
 from models.bundle import Bundle
 from models.errors import WeightsUnavailable
 from models.network import build_net
@@ -44,14 +44,8 @@ def torch_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
-def test_imagenet_weights_come_from_the_torch_home_cache(torch_home: Path) -> None:
-    path = imagenet_checkpoint_path("resnet18")
-    assert path.parent == torch_home / "hub" / "checkpoints"
-    torch.manual_seed(1)
-    reference = get_model("resnet18", weights=None).eval()
-    path.parent.mkdir(parents=True)
-    torch.save(reference.state_dict(), path)
-
+def test_imagenet_weights_come_from_the_torch_home_cache(cached_resnet18: torch.nn.Module) -> None:
+    reference = cached_resnet18
     bundle = Bundle.pretrained("resnet18", device="cpu")  # no network: the cached file is used
     assert len(bundle.config.classes) == 1000 and bundle.config.classes[0] == "tench"
     x = torch.randn(1, 3, 224, 224)

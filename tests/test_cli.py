@@ -101,21 +101,14 @@ def test_train_then_index(
 def test_no_training_needed_imagenet_model_indexes_and_serves(
     shapes_dir: Path,
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    cached_resnet18: object,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    import torch
     from fastapi.testclient import TestClient
-    from torchvision.models import get_model
 
     from app.main import create_app
     from app.settings import Settings
-    from models.backbones import imagenet_checkpoint_path
 
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    cached = imagenet_checkpoint_path("resnet18")
-    cached.parent.mkdir(parents=True)
-    torch.save(get_model("resnet18", weights=None).state_dict(), cached)
     index_dir = tmp_path / "index-resnet18"
     code, out, err = run(
         [

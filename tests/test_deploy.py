@@ -14,10 +14,8 @@ import torch
 import yaml
 from fastapi.testclient import TestClient
 from PIL import Image
-from torchvision.models import get_model
 
 from app.main import create_app
-from models.backbones import imagenet_checkpoint_path
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,12 +60,8 @@ def test_compose_file_is_valid_compose_spec() -> None:
 
 
 def test_container_entry_point_serves_imagenet_without_a_bundle(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    cached_resnet18: torch.nn.Module, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    path = imagenet_checkpoint_path("resnet18")
-    path.parent.mkdir(parents=True)
-    torch.save(get_model("resnet18", weights=None).state_dict(), path)
     for name, value in {
         "IMGSIM_BACKBONE": "resnet18",
         "IMGSIM_BUNDLE_DIR": "",
