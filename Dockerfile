@@ -20,9 +20,10 @@ COPY models ./models
 COPY index ./index
 RUN pip install -c constraints.txt .
 
-# ImageNet weights into torchvision's cache at build time, so the container works offline.
+# ImageNet weights into torchvision's cache at build time, so the container works offline
+# (efficientnet_lite0/1/2 need no download: their weights came with the pip install).
 ARG BACKBONE=densenet121
-RUN python -c "import sys; from models.backbones import build_torchvision_model; build_torchvision_model(sys.argv[1], 'imagenet')" "${BACKBONE}" \
+RUN python -c "import sys; from models.backbones import build_model; build_model(sys.argv[1], 'imagenet')" "${BACKBONE}" \
     && chmod -R a+rX "${TORCH_HOME}"
 
 RUN useradd --create-home --uid 10001 imgsim \

@@ -13,8 +13,6 @@ from PIL import Image
 
 from app.errors import UploadTooLarge
 from app.service import Service
-from app.settings import Settings
-from models.images import load_image
 
 
 def get_service(request: Request) -> Service:
@@ -42,19 +40,19 @@ class Upload:
             )
 
 
-def read_upload(settings: Settings, file: UploadFile) -> Upload:
-    """Read one multipart file within the byte limit and decode it safely."""
-    limit = settings.max_upload_bytes
+def read_upload(service: Service, file: UploadFile) -> Upload:
+    """Read one multipart file within the byte limit and decode it as every stage does."""
+    limit = service.settings.max_upload_bytes
     data = file.file.read(limit + 1)
     if len(data) > limit:
         raise UploadTooLarge(f"the upload is larger than the limit of {limit:,} bytes")
-    image = load_image(data, max_pixels=settings.max_pixels)
+    image = service.bundle.decode(data, service.settings.max_pixels)
     return Upload(data, hashlib.sha256(data).hexdigest(), image)
 
 
 def uploaded(service: ServiceDep, file: Annotated[UploadFile, File()]) -> Upload:
     """The multipart field 'file', read and decoded."""
-    return read_upload(service.settings, file)
+    return read_upload(service, file)
 
 
 def uploaded_image(upload: Annotated[Upload, Depends(uploaded)]) -> Image.Image:
@@ -66,7 +64,7 @@ def uploaded_files(
     service: ServiceDep, files: Annotated[list[UploadFile], File(description="images")]
 ) -> list[Upload]:
     """Every multipart field 'files', read and decoded."""
-    return [read_upload(service.settings, file) for file in files]
+    return [read_upload(service, file) for file in files]
 
 
 UploadDep = Annotated[Upload, Depends(uploaded)]

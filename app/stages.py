@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ from index.gallery import GalleryIndex, replace_directory
 from index.store import NewItem
 from models.bundle import Bundle
 from models.data import check_images, find_images, label_of
-from models.errors import DatasetError, WeightsUnavailable
+from models.errors import DatasetError
 from models.evaluation import (
     Neighbours,
     evaluate,
@@ -66,7 +65,7 @@ def index_folder(
     hashes = [hashlib.sha256(path.read_bytes()).hexdigest() for path in good]
     new = [(path, sha) for path, sha in zip(good, hashes, strict=True) if sha not in known]
     log.info("%d images, %d already indexed, %d to add", len(good), len(good) - len(new), len(new))
-    embeddings = bundle.embed_files([path for path, _ in new], batch_size, workers)
+    embeddings = bundle.embed([path for path, _ in new], batch_size, workers)
     # Label by the path as found (a symlink may point outside the gallery); store it resolved.
     items = [NewItem(str(p.resolve()), label_of(p, gallery_dir), sha256=s) for p, s in new]
     gallery.add(embeddings, items)
@@ -96,29 +95,26 @@ def serve(settings: Settings, host: str = "127.0.0.1", port: int = 8000) -> None
 
 
 def demo(workdir: Path, config: TrainConfig, host: str, port: int, serve_it: bool = True) -> Path:
-    """Make a sample dataset, train briefly, index it, and serve it; returns the bundle folder."""
+    """Make a sample dataset, fine-tune on it, index it, and serve it; returns the bundle folder."""
     data_dir = make_sample_dataset(workdir / "data")
     bundle_dir = workdir / "bundle"
-    try:
-        bundle = train(data_dir, bundle_dir, config)
-    except WeightsUnavailable:
-        if config.weights != "imagenet":
-            raise
-        print(
-            f"imgsim demo: ImageNet weights for {config.backbone} are not available (offline, "
-            "nothing cached), so the demo trains from scratch (no head-only warm-up)."
-        )
-        bundle = train(data_dir, bundle_dir, replace(config, weights="none", warmup_epochs=0))
+    bundle = train(data_dir, bundle_dir, config)
     index_folder(data_dir, bundle, bundle_dir / "index", workers=config.workers)
     example = next(iter(sorted((data_dir / "star").glob("*.png"))))
+    print(
+        f"\nimgsim demo: {bundle.config.backbone} fine-tuned on {data_dir}: val top-1 "
+        f"{bundle.config.extra['val_top1']}; bundle and index in {bundle_dir}"
+    )
+    if not serve_it:
+        print(f"  serve it with: imgsim serve --model {bundle_dir}")
+        return bundle_dir
     url = f"http://{host}:{port}"
     print(
-        f"\nimgsim demo: serving {bundle_dir} at {url} (API docs at {url}/docs)\n"
+        f"imgsim demo: serving at {url} (API docs at {url}/docs)\n"
         f"  curl -F file=@{example} '{url}/classify?top_k=3'\n"
         f"  curl -F file=@{example} '{url}/similar?k=5'\n"
     )
-    if serve_it:
-        serve(Settings(bundle_dir=bundle_dir, device=config.device), host, port)
+    serve(Settings(bundle_dir=bundle_dir, device=config.device), host, port)
     return bundle_dir
 
 
@@ -143,7 +139,7 @@ def evaluate_folder(
     images = list_eval_images(data_dir)
     if not images.paths:
         raise DatasetError(f"{data_dir} has no class subfolders with readable images to evaluate")
-    probabilities, embeddings = bundle.classify_files(images.paths, batch_size, workers)
+    probabilities, embeddings = bundle.classify(images.paths, batch_size, workers)
     gallery_dir = index_dir or bundle_dir / "index"
     if use_index and (index_dir is not None or gallery_dir.exists()):
         gallery = GalleryIndex.load(gallery_dir, bundle.fingerprint)

@@ -19,10 +19,16 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from models.backbones import Preprocessing, check_backbone, imagenet_weights, preprocessing_for
-from models.data import ImageDataset, Sample, eval_transform
+from models.backbones import (
+    Preprocessing,
+    check_backbone,
+    imagenet_categories,
+    preprocessing_for,
+)
+from models.data import ImageDataset, decode, eval_transform
 from models.devices import resolve_device
 from models.errors import BundleError
+from models.images import DEFAULT_MAX_PIXELS
 from models.network import DEFAULT_TEMPERATURE, EmbeddingNet, build_imagenet_net, build_net
 
 log = logging.getLogger(__name__)
@@ -30,6 +36,7 @@ log = logging.getLogger(__name__)
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT_VERSION = 1
+Input = Image.Image | Path | bytes  # what encode takes: a decoded image, a file or its bytes
 
 
 @dataclass
@@ -78,7 +85,6 @@ class Bundle:
         self.device = resolve_device(device)
         self.net = net.to(self.device).eval()
         self.fingerprint = fingerprint_of(self.net.state_dict())
-        self.transform = eval_transform(config.preprocessing)
 
     @property
     def embedding_dim(self) -> int:
@@ -91,7 +97,7 @@ class Bundle:
         check_backbone(backbone)
         config = BundleConfig(
             backbone=backbone,
-            classes=list(imagenet_weights(backbone).meta["categories"]),
+            classes=imagenet_categories(backbone),
             preprocessing=preprocessing_for(backbone),
             head="linear",
             pretrained_classifier=True,
@@ -132,72 +138,53 @@ class Bundle:
             )
         return bundle
 
-    @torch.inference_mode()
+    def decode(self, source: Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+        """Decode a file or upload the way every stage does (see models.data.decode)."""
+        return decode(source, self.config.preprocessing, max_pixels)
+
     def embed(
-        self, images: Image.Image | Sequence[Image.Image], batch_size: int = 32
+        self, inputs: Input | Sequence[Input], batch_size: int = 32, workers: int = 0
     ) -> np.ndarray:
         """L2-normalised float32 embeddings (N, D) of one image or many."""
-        return self._run(images, batch_size)[0]
+        return self.encode(inputs, batch_size, workers).embeddings
 
-    @torch.inference_mode()
     def classify(
-        self, images: Image.Image | Sequence[Image.Image], batch_size: int = 32
+        self, inputs: Input | Sequence[Input], batch_size: int = 32, workers: int = 0
     ) -> tuple[np.ndarray, np.ndarray]:
         """Class probabilities (N, C) and embeddings (N, D) of one image or many."""
-        embeddings, logits = self._run(images, batch_size)
-        return _softmax(logits), embeddings
-
-    def _run(
-        self, images: Image.Image | Sequence[Image.Image], batch_size: int
-    ) -> tuple[np.ndarray, np.ndarray]:
-        batch = [images] if isinstance(images, Image.Image) else list(images)
-        embeddings, logits = [], []
-        for start in range(0, len(batch), batch_size):
-            x = torch.stack([self.transform(im) for im in batch[start : start + batch_size]])
-            out = self.net(x.to(self.device))
-            embeddings.append(out.embedding.float().cpu().numpy())
-            logits.append(out.logits.float().cpu().numpy())
-        return np.concatenate(embeddings), np.concatenate(logits)
+        encoded = self.encode(inputs, batch_size, workers)
+        return _softmax(encoded.logits), encoded.embeddings
 
     @torch.inference_mode()
-    def embed_files(
-        self, paths: Sequence[Path], batch_size: int = 32, workers: int = 2
-    ) -> np.ndarray:
-        """Embeddings of image files, decoded in DataLoader workers, with a progress bar."""
-        dataset = ImageDataset(
-            [Sample(path, 0) for path in paths],
-            self.transform,
-            self.config.preprocessing.resize_size * 2,
-        )
+    def encode(
+        self, inputs: Input | Sequence[Input], batch_size: int = 32, workers: int = 0
+    ) -> Encoded:
+        """The one encode path: decode (files and bytes), resize, crop, normalise, forward in
+        batches. workers > 0 decodes in DataLoader processes, with a progress bar."""
+        many = [inputs] if isinstance(inputs, Input) else list(inputs)
+        pre = self.config.preprocessing
+        dataset = ImageDataset(many, pre, eval_transform(pre))
         loader = DataLoader(
             dataset,
             batch_size=batch_size,
             num_workers=workers,
             pin_memory=self.device.startswith("cuda"),
         )
-        chunks = [np.zeros((0, self.embedding_dim), np.float32)]
-        for x, _ in tqdm(loader, desc="embedding", unit="batch"):
-            chunks.append(self.net(x.to(self.device)).embedding.float().cpu().numpy())
-        return np.concatenate(chunks)
-
-    @torch.inference_mode()
-    def classify_files(
-        self, paths: Sequence[Path], batch_size: int = 32, workers: int = 2
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Class probabilities (N, C) and embeddings (N, D) of image files, decoded in workers."""
-        dataset = ImageDataset(
-            [Sample(path, 0) for path in paths],
-            self.transform,
-            self.config.preprocessing.resize_size * 2,
-        )
-        loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers)
         embeddings = [np.zeros((0, self.embedding_dim), np.float32)]
         logits = [np.zeros((0, len(self.config.classes)), np.float32)]
-        for x, _ in tqdm(loader, desc="classifying", unit="batch"):
+        for x, _ in tqdm(loader, desc="encoding", unit="batch", disable=workers == 0):
             out = self.net(x.to(self.device))
             embeddings.append(out.embedding.float().cpu().numpy())
             logits.append(out.logits.float().cpu().numpy())
-        return _softmax(np.concatenate(logits)), np.concatenate(embeddings)
+        return Encoded(np.concatenate(embeddings), np.concatenate(logits))
+
+
+@dataclass
+class Encoded:
+    """What the network makes of a batch of images."""
+
+    embeddings: np.ndarray  # (N, D) float32, L2-normalised
+    logits: np.ndarray  # (N, C) float32
 
 
 def _build(config: BundleConfig) -> EmbeddingNet:

@@ -10,7 +10,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL.Image import Image
 from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode, v2
 from tqdm import tqdm
@@ -137,17 +139,32 @@ def load_splits(
     return classes, train, val
 
 
+def decode(source: Path | bytes, pre: Preprocessing, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image:
+    """The one decode policy of every stage: an upright RGB image, reduced while decoding
+    (JPEG draft, libvips shrink-on-load) to no less than the resize size."""
+    return load_image(source, max_pixels=max_pixels, draft_size=pre.resize_size)
+
+
+def resized(image: Image, pre: Preprocessing) -> torch.Tensor:
+    """The deterministic part of preprocessing: short side to resize_size, centre square.
+    uint8 (3, S, S); what the training cache keeps."""
+    tensor = v2.functional.pil_to_tensor(image)
+    tensor = v2.functional.resize(
+        tensor, [pre.resize_size], interpolation=_interpolation(pre), antialias=True
+    )
+    return v2.functional.center_crop(tensor, [pre.resize_size])
+
+
 def _interpolation(pre: Preprocessing) -> InterpolationMode:
     return InterpolationMode(pre.interpolation)
 
 
 def train_transform(pre: Preprocessing) -> v2.Transform:
-    """Standard augmentations: random resized crop, flip, colour jitter, then normalise."""
+    """Augmentations on a resized image: random resized crop, flip, colour jitter, normalise."""
     return v2.Compose(
         [
-            v2.PILToTensor(),
             v2.RandomResizedCrop(
-                pre.crop_size, scale=(0.35, 1.0), interpolation=_interpolation(pre)
+                pre.crop_size, scale=(0.35, 1.0), interpolation=_interpolation(pre), antialias=True
             ),
             v2.RandomHorizontalFlip(),
             v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.02),
@@ -158,11 +175,9 @@ def train_transform(pre: Preprocessing) -> v2.Transform:
 
 
 def eval_transform(pre: Preprocessing) -> v2.Transform:
-    """The weights' own inference transform: resize, centre crop, normalise."""
+    """The weights' own inference transform on a resized image: centre crop, normalise."""
     return v2.Compose(
         [
-            v2.PILToTensor(),
-            v2.Resize(pre.resize_size, interpolation=_interpolation(pre), antialias=True),
             v2.CenterCrop(pre.crop_size),
             v2.ToDtype(torch.float32, scale=True),
             v2.Normalize(pre.mean, pre.std),
@@ -170,18 +185,87 @@ def eval_transform(pre: Preprocessing) -> v2.Transform:
     )
 
 
-class ImageDataset(Dataset):
-    """Samples decoded with load_image and transformed; yields (tensor, label)."""
+Source = Path | bytes | Image
 
-    def __init__(self, samples: Sequence[Sample], transform: v2.Transform, draft_size: int):
-        self.samples = list(samples)
-        self.transform = transform
-        self.draft_size = draft_size
+
+class ImageDataset(Dataset):
+    """Images (files, bytes or decoded) decoded and resized once, then transformed: yields
+    (tensor, label). With a cache folder, each file's resized pixels are kept on disk in a
+    uint8 memmap, so every later epoch reads them instead of decoding again."""
+
+    def __init__(
+        self,
+        sources: Sequence[Source],
+        pre: Preprocessing,
+        transform: v2.Transform,
+        labels: Sequence[int] | None = None,
+        cache: Path | None = None,
+    ):
+        self.sources = list(sources)
+        self.labels = list(labels) if labels is not None else [0] * len(self.sources)
+        self.pre, self.transform = pre, transform
+        self.cache = DecodedCache(cache, len(self.sources), pre.resize_size) if cache else None
+
+    @classmethod
+    def of_samples(cls, samples: Sequence[Sample], pre: Preprocessing, transform: v2.Transform,
+                   cache: Path | None = None) -> ImageDataset:  # fmt: skip
+        """A dataset over (path, label) samples."""
+        return cls([s.path for s in samples], pre, transform, [s.label for s in samples], cache)
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.sources)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        sample = self.samples[index]
-        image = load_image(sample.path, draft_size=self.draft_size)
-        return self.transform(image), sample.label
+        return self.transform(self.pixels(index)), self.labels[index]
+
+    def pixels(self, index: int) -> torch.Tensor:
+        """The resized uint8 image, from the cache when it holds it."""
+        if self.cache is not None and self.cache.holds(index):
+            return self.cache.get(index)
+        source = self.sources[index]
+        image = source if isinstance(source, Image) else decode(source, self.pre)
+        pixels = resized(image, self.pre)
+        if self.cache is not None:
+            self.cache.put(index, pixels)
+        return pixels
+
+
+class DecodedCache:
+    """Resized uint8 images in a memmap file (N, 3, S, S) plus a 'filled' flag per row.
+
+    Opened lazily in each process, so DataLoader workers (fork or spawn) share the file; a
+    worker writes a row's pixels before its flag, so a set flag always means a whole row.
+    """
+
+    def __init__(self, folder: Path, count: int, size: int):
+        folder.mkdir(parents=True, exist_ok=True)
+        self.pixels_file, self.flags_file = folder / "pixels.u8", folder / "filled.u8"
+        self.shape = (count, 3, size, size)
+        for path, length in ((self.pixels_file, count * 3 * size * size), (self.flags_file, count)):
+            with open(path, "wb") as file:
+                file.truncate(max(length, 1))  # sparse: disk is used as rows are filled
+        self._arrays: tuple[np.memmap, np.memmap] | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_arrays": None}
+
+    def _open(self) -> tuple[np.memmap, np.memmap]:
+        if self._arrays is None:
+            pixels = np.memmap(self.pixels_file, np.uint8, "r+", shape=self.shape)
+            flags = np.memmap(self.flags_file, np.uint8, "r+", shape=(self.shape[0],))
+            self._arrays = (pixels, flags)
+        return self._arrays
+
+    def holds(self, index: int) -> bool:
+        """Whether row index is filled."""
+        return bool(self._open()[1][index])
+
+    def get(self, index: int) -> torch.Tensor:
+        """Row index as a (3, S, S) uint8 tensor."""
+        return torch.from_numpy(np.array(self._open()[0][index]))
+
+    def put(self, index: int, pixels: torch.Tensor) -> None:
+        """Fill row index."""
+        rows, flags = self._open()
+        rows[index] = pixels.numpy()
+        flags[index] = 1

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.backbones import BACKBONES, build_torchvision_model, check_backbone
+from models.backbones import FeatureFn, build_model, get_backbone
 
 HEADS = ("cosine", "linear")
 DEFAULT_TEMPERATURE = 0.05  # Zhai & Wu (BMVC 2019): normalised softmax with temperature 0.05
@@ -24,46 +24,16 @@ class NetOutput:
 
 
 class Trunk(nn.Module):
-    """The convolutional part of a torchvision classifier: image -> feature map."""
+    """The convolutional part of a backbone: image -> feature map (and any auxiliary logits)."""
 
-    def __init__(self, model: nn.Module, family: str):
+    def __init__(self, body: nn.Module, features: FeatureFn):
         super().__init__()
-        self.family = family
-        if family == "resnet":
-            self.body = nn.Sequential(
-                model.conv1,
-                model.bn1,
-                model.relu,
-                model.maxpool,
-                model.layer1,
-                model.layer2,
-                model.layer3,
-                model.layer4,
-            )
-        elif family == "densenet":
-            self.body = nn.Sequential(model.features, nn.ReLU(inplace=True))
-        else:
-            self.body = model  # GoogLeNet: its stages are called one by one in forward
-            del model.avgpool, model.dropout, model.fc
+        self.body = body
+        self._features = features
 
     def forward(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
-        """Feature map (N, F, h, w) and any auxiliary logits."""
-        if self.family != "googlenet":
-            return self.body(x), []
-        return _googlenet_features(self.body, x)
-
-
-def _googlenet_features(net: nn.Module, x: Tensor) -> tuple[Tensor, list[Tensor]]:
-    x = net._transform_input(x)
-    x = net.maxpool2(net.conv3(net.conv2(net.maxpool1(net.conv1(x)))))
-    x = net.maxpool3(net.inception3b(net.inception3a(x)))
-    x = net.inception4a(x)
-    aux = [net.aux1(x)] if net.training else []
-    x = net.inception4d(net.inception4c(net.inception4b(x)))
-    if net.training:
-        aux.append(net.aux2(x))
-    x = net.inception5b(net.inception5a(net.maxpool4(net.inception4e(x))))
-    return x, aux
+        """Feature map (N, F, h, w) and any auxiliary logits (GoogLeNet's, in training)."""
+        return self._features(self.body, x)
 
 
 class EmbeddingHead(nn.Module):
@@ -111,11 +81,6 @@ class EmbeddingNet(nn.Module):
         return NetOutput(F.normalize(features, dim=1), self.classifier(features), aux)
 
 
-def feature_dim(model: nn.Module, family: str) -> int:
-    """Channels of the trunk's last feature map, read from the torchvision classifier."""
-    return (model.classifier if family == "densenet" else model.fc).in_features
-
-
 def build_net(
     backbone: str,
     num_classes: int,
@@ -124,30 +89,28 @@ def build_net(
     head: str = "cosine",
     temperature: float = DEFAULT_TEMPERATURE,
 ) -> EmbeddingNet:
-    """A fresh embedding network on a torchvision backbone with the given weights."""
+    """A fresh embedding network on a registered backbone with the given weights."""
     if head not in HEADS:
         raise ValueError(f"unknown head {head!r}; choose one of: {', '.join(HEADS)}")
-    family = BACKBONES[check_backbone(backbone)]
-    model = build_torchvision_model(backbone, weights)
-    in_dim = feature_dim(model, family)
-    if family == "googlenet":
-        model.aux1.fc2 = nn.Linear(model.aux1.fc2.in_features, num_classes)
-        model.aux2.fc2 = nn.Linear(model.aux2.fc2.in_features, num_classes)
+    family = get_backbone(backbone).family
+    model = build_model(backbone, weights)
+    in_dim = family.width(model)
+    family.adapt(model, num_classes)
+    body, _ = family.cut(model)
     embedding_head = EmbeddingHead(in_dim, embed_dim)
     classifier: nn.Module = (
         CosineClassifier(embedding_head.dim, num_classes, temperature)
         if head == "cosine"
         else nn.Linear(embedding_head.dim, num_classes)
     )
-    return EmbeddingNet(Trunk(model, family), embedding_head, classifier)
+    return EmbeddingNet(Trunk(body, family.features), embedding_head, classifier)
 
 
 def build_imagenet_net(backbone: str, weights: str = "imagenet") -> EmbeddingNet:
     """The pretrained classifier as an EmbeddingNet: its own 1000-class layer, no projection."""
-    family = BACKBONES[check_backbone(backbone)]
-    model = build_torchvision_model(backbone, weights)
-    classifier = model.classifier if family == "densenet" else model.fc
-    head = EmbeddingHead(feature_dim(model, family), None)
-    if family == "googlenet":
-        model.aux1 = model.aux2 = None  # not used for inference
-    return EmbeddingNet(Trunk(model, family), head, classifier)
+    family = get_backbone(backbone).family
+    model = build_model(backbone, weights)
+    head = EmbeddingHead(family.width(model), None)
+    family.adapt(model, None)
+    body, classifier = family.cut(model)
+    return EmbeddingNet(Trunk(body, family.features), head, classifier)

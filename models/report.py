@@ -19,9 +19,10 @@ The report dict (`build_report` makes it; every value JSON-safe once `to_jsonabl
     unknown_threshold dict          target_precision, threshold (null if unreachable), and the
                                     coverage and precision of answers at that threshold
 
-`history` is the bundle's metrics.json: a list of per-epoch dicts with epoch (1-based), phase
-("warmup" | "finetune"), train_loss, val_loss, val_top1 (null without a validation split), lr,
-seconds. Pictures need matplotlib (the `report` extra); without it the page says so.
+`history` is the bundle's metrics.json: a list of per-epoch dicts with epoch (0 is the probe of
+LP-FT, fine-tuning counts from 1), phase ("probe" | "warmup" | "finetune"), train_loss,
+val_loss, val_top1 (null without a validation split), lr, seconds. Pictures need matplotlib
+(the `report` extra); without it the page says so.
 """
 
 from __future__ import annotations
@@ -346,9 +347,10 @@ def _picture_html(title: str, make_png: Callable[[], bytes]) -> str:
 
 
 def _mark_finetune_start(axes: Any, history: Sequence[Mapping[str, Any]]) -> None:
-    """Dashed vertical line between the last warm-up epoch and the first fine-tune epoch."""
+    """Dashed vertical line between the last head-only epoch (probe or warm-up) and the first
+    fine-tune epoch."""
     for before, after in zip(history, history[1:], strict=False):
-        if before.get("phase") == "warmup" and after.get("phase") == "finetune":
+        if before.get("phase") in ("probe", "warmup") and after.get("phase") == "finetune":
             middle = (before["epoch"] + after["epoch"]) / 2
             axes.axvline(middle, color="grey", linestyle="--", linewidth=1, label="fine-tune")
             return

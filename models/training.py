@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import random
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -47,8 +48,8 @@ class TrainConfig:
 
     backbone: str = DEFAULT_BACKBONE
     weights: str = "imagenet"
-    epochs: int = 10
-    warmup_epochs: int = 2
+    epochs: int = 6  # with LP-FT the val loss levels off by then on small sets (transfer_tuning.md)
+    warmup_epochs: int = 0  # head-only epochs with augmentation; the probe (LP) replaces them
     batch_size: int = 32  # per process: under torchrun the global batch is this times the world
     lr: float = 1e-3
     backbone_lr_factor: float = 0.1
@@ -66,6 +67,13 @@ class TrainConfig:
     init_from: str | None = None  # a bundle whose trunk (and projection) to start from
     target_precision: float = 0.95  # the "unknown" threshold is calibrated for this on val
     augment: bool = True  # False: training images get the deterministic eval transform
+    # LP-FT (Kumar et al., ICLR 2022): fit head and classifier on the frozen trunk's features
+    # first (cheap: one forward pass, then steps on the cached features), then fine-tune.
+    probe: bool = True
+    probe_steps: int = 300
+    probe_lr: float = 1e-2
+    freeze_bn: bool = True  # BatchNorm statistics stay as pretrained while fine-tuning
+    cache_decoded: bool = True  # decode each image once per run (a uint8 memmap in OUT/.decoded)
 
 
 @dataclass(frozen=True)
@@ -121,11 +129,16 @@ def _train(
     net = _initial_net(config, len(classes), source).to(cluster.device)
     if cluster.device.startswith("cuda"):
         net = net.to(memory_format=torch.channels_last)
-    run = _Run(net, config, cluster, *_loaders(train_set, val_set, config, pre, cluster))
-    checkpoint = out_dir / CHECKPOINT_FILE
-    if resume:
-        run.restore(checkpoint)
-    history = run.fit(out_dir, on_epoch_end)
+    cache = out_dir / f".decoded-{cluster.rank}" if config.cache_decoded else None
+    try:
+        run = _Run(net, config, cluster, _loaders(train_set, val_set, config, pre, cluster, cache))
+        checkpoint = out_dir / CHECKPOINT_FILE
+        if resume:
+            run.restore(checkpoint)
+        history = run.fit(out_dir, on_epoch_end)
+    finally:
+        if cache is not None:
+            shutil.rmtree(cache, ignore_errors=True)
     threshold = run.calibrated_threshold()
     bundle_config = BundleConfig(
         backbone=config.backbone,
@@ -139,6 +152,7 @@ def _train(
         extra={
             "training": asdict(config),
             "best_epoch": run.best_epoch,
+            "val_top1": run.best_key[0] if run.best_val is not None else None,
             "train_images": len(train_set),
             "val_images": len(val_set),
             "world_size": cluster.world,
@@ -222,9 +236,10 @@ def _loaders(
     config: TrainConfig,
     pre: Preprocessing,
     cluster: Cluster,
-) -> tuple[DataLoader, DataLoader | None]:
-    """Decoding and augmentation run in `workers` processes; each rank gets its share."""
-    draft = pre.resize_size * 2
+    cache: Path | None,
+) -> Loaders:
+    """Decoding and augmentation run in `workers` processes; each rank gets its share. With a
+    cache folder, each image is decoded once and its resized pixels reused every epoch."""
     common = {
         "batch_size": config.batch_size,
         "num_workers": config.workers,
@@ -234,7 +249,8 @@ def _loaders(
         "persistent_workers": False,
     }
     transform = train_transform(pre) if config.augment else eval_transform(pre)
-    train_data = ImageDataset(train_set, transform, draft)
+    train_cache = cache / "train" if cache else None
+    train_data = ImageDataset.of_samples(train_set, pre, transform, train_cache)
     sampler = None
     if cluster.world > 1:
         sampler = DistributedSampler(
@@ -249,11 +265,26 @@ def _loaders(
         generator=torch.Generator(),
         **common,
     )
-    shard = val_set[cluster.rank :: cluster.world]
-    val_loader = (
-        DataLoader(ImageDataset(shard, eval_transform(pre), draft), **common) if val_set else None
-    )
-    return train_loader, val_loader
+    # The probe sees this rank's share of the training images as served: same cache, no
+    # augmentation. Its pass is also the one decode that fills the cache.
+    probe_data = copy.copy(train_data)
+    probe_data.transform = eval_transform(pre)
+    shard = list(range(cluster.rank, len(train_set), cluster.world))
+    probe_loader = DataLoader(torch.utils.data.Subset(probe_data, shard), **common)
+    val_shard = val_set[cluster.rank :: cluster.world]
+    val_cache = cache / "val" if cache else None
+    val_data = ImageDataset.of_samples(val_shard, pre, eval_transform(pre), val_cache)
+    val_loader = DataLoader(val_data, **common) if val_set else None
+    return Loaders(train_loader, val_loader, probe_loader)
+
+
+@dataclass
+class Loaders:
+    """The DataLoaders of a run."""
+
+    train: DataLoader
+    val: DataLoader | None
+    probe: DataLoader
 
 
 class _Run:
@@ -264,12 +295,15 @@ class _Run:
         net: EmbeddingNet,
         config: TrainConfig,
         cluster: Cluster,
-        train_loader: DataLoader,
-        val_loader: DataLoader | None,
+        loaders: Loaders,
     ):
         self.net, self.config, self.cluster = net, config, cluster
         self.device = cluster.device
-        self.train_loader, self.val_loader = train_loader, val_loader
+        self.train_loader, self.val_loader, self.probe_loader = (
+            loaders.train,
+            loaders.val,
+            loaders.probe,
+        )
         head_params = [*net.head.parameters(), *net.classifier.parameters()]
         self.optimizer = torch.optim.AdamW(
             [
@@ -281,7 +315,7 @@ class _Run:
             ],
             weight_decay=config.weight_decay,
         )
-        steps = len(train_loader)
+        steps = len(self.train_loader)
         warm_steps = config.warmup_epochs * steps
         total_finetune = max(1, (config.epochs - config.warmup_epochs) * steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -304,33 +338,48 @@ class _Run:
     def fit(self, out_dir: Path, on_epoch_end: Callable[[int], None] | None = None) -> list[dict]:
         """Train every epoch, validate, record metrics, checkpoint and keep the best weights."""
         out_dir.mkdir(parents=True, exist_ok=True)
-        for epoch in range(len(self.history) + 1, self.config.epochs + 1):
+        if self.config.probe and not self.history:
+            self._end_epoch(out_dir, 0, "probe", time.perf_counter(), self.probe(), on_epoch_end)
+        done = self.history[-1]["epoch"] if self.history else 0
+        for epoch in range(done + 1, self.config.epochs + 1):
             phase = "warmup" if epoch <= self.config.warmup_epochs else "finetune"
             started = time.perf_counter()
             self._seed_epoch(epoch)
             train_loss = self.train_epoch(epoch, phase)
-            val_loss, val_top1, val_predictions = self.validate()
-            record = {
-                "epoch": epoch,
-                "phase": phase,
-                "train_loss": train_loss,
-                "val_loss": val_loss,
-                "val_top1": val_top1,
-                "lr": self.optimizer.param_groups[1]["lr"],
-                "seconds": round(time.perf_counter() - started, 2),
-            }
-            self.history.append(record)
-            self.keep_if_best(epoch, val_loss, val_top1, val_predictions)
-            if self.cluster.main:
-                log.info("epoch %d/%d %s", epoch, self.config.epochs, _describe(record))
-                text = json.dumps(self.history, indent=2)
-                atomic_write(out_dir / METRICS_FILE, lambda path, text=text: path.write_text(text))
-                self.save_checkpoint(out_dir / CHECKPOINT_FILE)
-            if on_epoch_end is not None:
-                on_epoch_end(epoch)
+            self._end_epoch(out_dir, epoch, phase, started, train_loss, on_epoch_end)
         if self.best_state is not None:
             self.net.load_state_dict(self.best_state)
         return self.history
+
+    def _end_epoch(
+        self,
+        out_dir: Path,
+        epoch: int,
+        phase: str,
+        started: float,
+        train_loss: float,
+        on_epoch_end: Callable[[int], None] | None,
+    ) -> None:
+        """Validate, record, keep the best weights, write metrics and the checkpoint."""
+        val_loss, val_top1, val_predictions = self.validate()
+        record = {
+            "epoch": epoch,
+            "phase": phase,
+            "train_loss": train_loss,
+            "val_loss": val_loss,
+            "val_top1": val_top1,
+            "lr": self.optimizer.param_groups[1]["lr"],
+            "seconds": round(time.perf_counter() - started, 2),
+        }
+        self.history.append(record)
+        self.keep_if_best(epoch, val_loss, val_top1, val_predictions)
+        if self.cluster.main:
+            log.info("epoch %d/%d %s", epoch, self.config.epochs, _describe(record))
+            text = json.dumps(self.history, indent=2)
+            atomic_write(out_dir / METRICS_FILE, lambda path, text=text: path.write_text(text))
+            self.save_checkpoint(out_dir / CHECKPOINT_FILE)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch)
 
     def _seed_epoch(self, epoch: int) -> None:
         """Every random draw of an epoch follows from (seed, rank, epoch): resuming needs no
@@ -349,6 +398,10 @@ class _Run:
             param.requires_grad_(not frozen)
         if frozen:
             self.net.trunk.eval()
+        elif self.config.freeze_bn:
+            for module in self.net.trunk.modules():
+                if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                    module.eval()  # running statistics stay; the affine parameters still train
         model = self._trainable(frozen)
         total, count = 0.0, 0
         bar = tqdm(
@@ -375,6 +428,44 @@ class _Run:
             bar.set_postfix(loss=f"{total / count:.3f}")
         total, count = self._sum_over_ranks(total, count)
         return round(total / max(count, 1), 4)
+
+    def probe(self) -> float:
+        """The LP of LP-FT: fit the head and classifier on the frozen trunk's pooled features of
+        the training images (full batch, AdamW); returns the final training loss."""
+        features, labels = self._frozen_features()
+        parts = [self.net.head.projection, self.net.classifier]
+        params = [p for part in parts for p in part.parameters()]
+        optimizer = torch.optim.AdamW(
+            params, lr=self.config.probe_lr, weight_decay=self.config.weight_decay
+        )
+        for part in parts:
+            part.train()
+        for _ in range(self.config.probe_steps):
+            loss = F.cross_entropy(self.net.classifier(self.net.head.projection(features)), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        return round(loss.item(), 4)
+
+    @torch.no_grad()
+    def _frozen_features(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pooled trunk features (N, F) and labels of every rank's training images."""
+        self.net.eval()
+        chunks, labels = [], []
+        for x, y in tqdm(self.probe_loader, desc="probe features", unit="batch", leave=False,
+                         disable=not self.cluster.main):  # fmt: skip
+            x, y = self._to_device(x, y)
+            with torch.autocast("cuda", dtype=torch.float16, enabled=self.amp):
+                feature_map, _ = self.net.trunk(x)
+            chunks.append(torch.flatten(self.net.head.pool(feature_map.float()), 1))
+            labels.append(y)
+        features, targets = torch.cat(chunks), torch.cat(labels)
+        if self.cluster.world > 1:
+            shares: list[Any] = [None] * self.cluster.world
+            dist.all_gather_object(shares, (features.cpu(), targets.cpu()))
+            features = torch.cat([f for f, _ in shares]).to(self.device)
+            targets = torch.cat([t for _, t in shares]).to(self.device)
+        return features, targets
 
     def _trainable(self, frozen: bool) -> torch.nn.Module:
         """The network, wrapped in DDP under torchrun; rewrapped when the trainable set changes

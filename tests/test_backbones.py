@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.models import get_model
 
-from models.backbones import BACKBONES, build_torchvision_model
+from models.backbones import BACKBONES, build_model
 from models.bundle import Bundle
 from models.errors import WeightsUnavailable
 from models.network import build_net
@@ -55,7 +55,7 @@ def test_imagenet_weights_come_from_the_torch_home_cache(cached_resnet18: torch.
 
 def test_missing_imagenet_weights_name_the_file_and_where_to_put_it(torch_home: Path) -> None:
     with pytest.raises(WeightsUnavailable) as caught:
-        build_torchvision_model("densenet121", "imagenet")
+        build_model("densenet121", "imagenet")
     message = str(caught.value)
     expected = torch_home / "hub" / "checkpoints" / "densenet121-a639ec97.pth"
     assert str(expected) in message
@@ -69,19 +69,19 @@ def test_state_dict_file_weights(tmp_path: Path) -> None:
     reference = get_model("resnet18", weights=None)
     path = tmp_path / "mine.pt"
     torch.save(reference.state_dict(), path)
-    loaded = build_torchvision_model("resnet18", path)
+    loaded = build_model("resnet18", path)
     assert torch.equal(loaded.conv1.weight, reference.conv1.weight)
 
 
 def test_state_dict_file_of_another_architecture_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "other.pt"
     torch.save(get_model("resnet34", weights=None).state_dict(), path)
-    with pytest.raises(WeightsUnavailable, match="does not fit a torchvision resnet18"):
-        build_torchvision_model("resnet18", path)
+    with pytest.raises(WeightsUnavailable, match="does not fit a resnet18"):
+        build_model("resnet18", path)
 
 
 def test_pickled_objects_are_not_loaded(tmp_path: Path) -> None:
     path = tmp_path / "evil.pt"
     torch.save({"weights": object()}, path)
     with pytest.raises(WeightsUnavailable, match="could not be read as a state dict"):
-        build_torchvision_model("resnet18", path)
+        build_model("resnet18", path)

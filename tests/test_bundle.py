@@ -45,10 +45,10 @@ def test_embed_one_or_many(trained_bundle_dir: Path, images: list[Image.Image]) 
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
 
 
-def test_embed_files_matches_embed(trained_bundle_dir: Path, shapes_dir: Path) -> None:
+def test_files_and_decoded_images_embed_alike(trained_bundle_dir: Path, shapes_dir: Path) -> None:
     bundle = Bundle.load(trained_bundle_dir, "cpu")
     paths = sorted(shapes_dir.rglob("*.png"))[:3]
-    from_files = bundle.embed_files(paths, batch_size=2, workers=0)
+    from_files = bundle.embed(paths, batch_size=2, workers=1)
     from_images = bundle.embed([Image.open(p).convert("RGB") for p in paths])
     np.testing.assert_allclose(from_files, from_images, atol=1e-5)
 
@@ -71,6 +71,6 @@ def test_a_folder_that_is_not_a_bundle(tmp_path: Path) -> None:
 
 def test_training_metrics_are_recorded(trained_bundle_dir: Path) -> None:
     history = json.loads((trained_bundle_dir / "metrics.json").read_text())
-    assert [h["phase"] for h in history] == ["warmup", "finetune"]
+    assert [h["phase"] for h in history] == ["probe", "warmup", "finetune"]
     for record in history:
         assert record["val_loss"] > 0 and 0 <= record["val_top1"] <= 1 and record["seconds"] > 0

@@ -37,7 +37,7 @@ def test_dockerfile_passes_hadolint() -> None:
 
 def test_dockerfile_fetches_weights_runs_unprivileged_and_checks_health() -> None:
     text = (ROOT / "Dockerfile").read_text()
-    assert "build_torchvision_model(sys.argv[1], 'imagenet')" in text
+    assert "build_model(sys.argv[1], 'imagenet')" in text
     assert "\nUSER 10001" in text and "HEALTHCHECK" in text and "/health" in text
     assert '"app.main:create_app"' in text and "--factory" in text
 
