@@ -33,8 +33,9 @@ import numpy as np
 from index import kinds
 from index.errors import EmptyIndex, IndexMissing, ItemNotFound, ModelMismatch
 from index.locks import ReadWriteLock
-from index.snapshot import SnapshotUnusable, read_snapshot, write_atomically, write_snapshot
+from index.snapshot import SnapshotUnusable, read_snapshot, write_snapshot
 from index.store import Item, ItemStore, NewItem
+from models.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -519,7 +520,7 @@ def _resolve(match: tuple[str, int, float], id_of: dict[int, int]) -> tuple[int 
 def _keep_file(path: Path, content: bytes) -> None:
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(path, content)
+        atomic_write(path, lambda tmp: tmp.write_bytes(content))
 
 
 def _remove_leftovers(directory: Path) -> None:

@@ -11,13 +11,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import uuid
 from pathlib import Path
 from typing import Any
 
 import faiss
 import numpy as np
+
+from models.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +33,10 @@ class SnapshotUnusable(Exception):
 def write_snapshot(directory: Path, data: np.ndarray, info: dict[str, Any]) -> None:
     """Write serialised index bytes and their info atomically, then drop older snapshots."""
     name = f"{PREFIX}{info['last_seq']}-{uuid.uuid4().hex[:8]}.faiss"
-    write_atomically(directory / name, data.tobytes())
+    atomic_write(directory / name, lambda path: path.write_bytes(data.tobytes()))
     info = {**info, "file": name, "sha256": hashlib.sha256(data).hexdigest()}
-    write_atomically(directory / INFO_FILE, json.dumps(info, indent=2).encode())
+    text = json.dumps(info, indent=2)
+    atomic_write(directory / INFO_FILE, lambda path: path.write_text(text))
     for old in directory.glob(f"{PREFIX}*.faiss"):
         if old.name != name:
             old.unlink(missing_ok=True)
@@ -57,19 +59,3 @@ def read_snapshot(directory: Path) -> tuple[faiss.Index, dict[str, Any]]:
     except RuntimeError as err:
         raise SnapshotUnusable(f"FAISS cannot read {info['file']} ({err})") from err
     return index, info
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write to a temporary name, fsync, rename over path, fsync the folder (the name too must
-    survive a power loss)."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:6]}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)

@@ -5,9 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,9 +23,10 @@ from models.backbones import (
     imagenet_categories,
     preprocessing_for,
 )
-from models.data import ImageDataset, decode, eval_transform
+from models.data import ImageDataset, Readable, decode, eval_transform
 from models.devices import resolve_device
-from models.errors import BundleError
+from models.errors import BundleError, UnsupportedImage
+from models.files import atomic_write
 from models.images import DEFAULT_MAX_PIXELS
 from models.network import DEFAULT_TEMPERATURE, EmbeddingNet, build_imagenet_net, build_net
 
@@ -157,13 +156,19 @@ class Bundle:
 
     @torch.inference_mode()
     def encode(
-        self, inputs: Input | Sequence[Input], batch_size: int = 32, workers: int = 0
+        self,
+        inputs: Input | Sequence[Input],
+        batch_size: int = 32,
+        workers: int = 0,
+        skip_unreadable: bool = False,
     ) -> Encoded:
         """The one encode path: decode (files and bytes), resize, crop, normalise, forward in
-        batches. workers > 0 decodes in DataLoader processes, with a progress bar."""
+        batches. workers > 0 decodes in DataLoader processes, with a progress bar. With
+        skip_unreadable, an image that cannot be decoded is left out and listed in `failed`
+        instead of raising UnsupportedImage."""
         many = [inputs] if isinstance(inputs, Input) else list(inputs)
         pre = self.config.preprocessing
-        dataset = ImageDataset(many, pre, eval_transform(pre))
+        dataset = Readable(ImageDataset(many, pre, eval_transform(pre)), pre.crop_size)
         loader = DataLoader(
             dataset,
             batch_size=batch_size,
@@ -172,19 +177,26 @@ class Bundle:
         )
         embeddings = [np.zeros((0, self.embedding_dim), np.float32)]
         logits = [np.zeros((0, len(self.config.classes)), np.float32)]
-        for x, _ in tqdm(loader, desc="encoding", unit="batch", disable=workers == 0):
+        reasons: list[str] = []
+        for x, _, why in tqdm(loader, desc="encoding", unit="batch", disable=workers == 0):
+            if any(why) and not skip_unreadable:
+                raise UnsupportedImage(next(reason for reason in why if reason))
             out = self.net(x.to(self.device))
             embeddings.append(out.embedding.float().cpu().numpy())
             logits.append(out.logits.float().cpu().numpy())
-        return Encoded(np.concatenate(embeddings), np.concatenate(logits))
+            reasons += why
+        kept = [i for i, why in enumerate(reasons) if not why]
+        failed = [(i, why) for i, why in enumerate(reasons) if why]
+        return Encoded(np.concatenate(embeddings)[kept], np.concatenate(logits)[kept], failed)
 
 
 @dataclass
 class Encoded:
     """What the network makes of a batch of images."""
 
-    embeddings: np.ndarray  # (N, D) float32, L2-normalised
+    embeddings: np.ndarray  # (N, D) float32, L2-normalised, of the readable inputs in order
     logits: np.ndarray  # (N, C) float32
+    failed: list[tuple[int, str]] = field(default_factory=list)  # (input position, reason)
 
 
 def _build(config: BundleConfig) -> EmbeddingNet:
@@ -203,15 +215,3 @@ def _build(config: BundleConfig) -> EmbeddingNet:
 def _softmax(logits: np.ndarray) -> np.ndarray:
     shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
     return (shifted / shifted.sum(axis=1, keepdims=True)).astype(np.float32)
-
-
-def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
-    """Write through a temporary file in the same folder, then rename over the target."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

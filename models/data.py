@@ -230,6 +230,23 @@ class ImageDataset(Dataset):
         return pixels
 
 
+class Readable(Dataset):
+    """A dataset's items as (tensor, label, reason): an image that cannot be decoded yields a
+    blank tensor and the reason instead of raising, so one bad file does not stop a batch."""
+
+    def __init__(self, dataset: ImageDataset, crop_size: int):
+        self.dataset, self.crop_size = dataset, crop_size
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, str]:
+        try:
+            return (*self.dataset[index], "")
+        except UnsupportedImage as err:
+            return torch.zeros(3, self.crop_size, self.crop_size), -1, str(err) or "unreadable"
+
+
 class DecodedCache:
     """Resized uint8 images in a memmap file (N, 3, S, S) plus a 'filled' flag per row.
 

@@ -28,9 +28,10 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from models.backbones import DEFAULT_BACKBONE, Preprocessing, preprocessing_for
-from models.bundle import Bundle, BundleConfig, atomic_write
+from models.bundle import Bundle, BundleConfig
 from models.data import ImageDataset, Sample, eval_transform, load_splits, train_transform
 from models.devices import resolve_device
+from models.files import atomic_write
 from models.metrics import calibrate_threshold
 from models.network import DEFAULT_TEMPERATURE, EmbeddingNet, build_net
 
