@@ -11,12 +11,11 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from app.options import COMMON, TRAINING, add_options, config_from, positive
 from index.errors import IndexProblem
-from models.backbones import BACKBONES, DEFAULT_BACKBONE, INSTALLED_BACKBONE
-from models.devices import DEVICES
+from models.backbones import INSTALLED_BACKBONE
 from models.errors import ImgsimError
-from models.network import HEADS
-from models.training import TrainConfig
+from models.layout import BundleLayout
 
 log = logging.getLogger("imgsim")
 DEMO_EPOCHS = 2  # the probe alone reaches 1.0 val top-1 on the shapes; see README
@@ -72,151 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _common(parser: argparse.ArgumentParser, backbone: str = DEFAULT_BACKBONE) -> None:
-    parser.add_argument(
-        "--backbone",
-        default=backbone,
-        choices=list(BACKBONES),
-        help=f"backbone; {INSTALLED_BACKBONE}/1/2's ImageNet weights are installed with imgsim, "
-        "the torchvision ones' are downloaded once into TORCH_HOME (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--weights",
-        default="imagenet",
-        metavar="imagenet|none|PATH",
-        help="start from the backbone's ImageNet weights, random weights, or a state-dict file "
-        "(default: %(default)s)",
-    )
-    parser.add_argument(
-        "--device",
-        default="auto",
-        choices=DEVICES,
-        help="auto = the GPU when present (default: %(default)s)",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-
-
-def _training_options(parser: argparse.ArgumentParser, epochs: int = TrainConfig.epochs) -> None:
-    parser.add_argument(
-        "--epochs", type=_positive, default=epochs, help="total epochs (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--warmup-epochs",
-        type=int,
-        default=TrainConfig.warmup_epochs,
-        help="head-only epochs (with augmentation) before fine-tuning everything "
-        "(default: %(default)s)",
-    )
-    parser.add_argument(
-        "--batch-size",
-        type=_positive,
-        default=TrainConfig.batch_size,
-        help="(default: %(default)s)",
-    )
-    parser.add_argument(
-        "--lr",
-        type=float,
-        default=TrainConfig.lr,
-        help="head learning rate; the backbone gets --backbone-lr-factor of it "
-        "(default: %(default)s)",
-    )
-    parser.add_argument(
-        "--backbone-lr-factor",
-        type=float,
-        default=TrainConfig.backbone_lr_factor,
-        help="(default: %(default)s)",
-    )
-    parser.add_argument(
-        "--no-probe",
-        dest="probe",
-        action="store_false",
-        help="skip LP-FT's first step (fitting the head on frozen features before fine-tuning)",
-    )
-    parser.add_argument(
-        "--train-bn",
-        dest="freeze_bn",
-        action="store_false",
-        help="update BatchNorm statistics while fine-tuning (default: kept as pretrained)",
-    )
-    parser.add_argument(
-        "--embed-dim",
-        type=_positive,
-        default=None,
-        help="project the pooled features to this size (default: keep them)",
-    )
-    parser.add_argument(
-        "--head",
-        choices=HEADS,
-        default="cosine",
-        help="classifier over the embedding (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--val-fraction",
-        type=float,
-        default=0.2,
-        help="share of each class held out when DATA_DIR has no train/ and val/ "
-        "(default: %(default)s)",
-    )
-    parser.add_argument(
-        "--workers", type=int, default=2, help="DataLoader worker processes (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--image-size",
-        type=_positive,
-        default=None,
-        help="train and serve at this crop size (default: the weights' own, e.g. 224)",
-    )
-    parser.add_argument(
-        "--target-precision",
-        type=_fraction,
-        default=0.95,
-        help="calibrate the 'unknown' threshold on the val split for this precision "
-        "(default: %(default)s)",
-    )
-    parser.add_argument(
-        "--no-augment",
-        dest="augment",
-        action="store_false",
-        help="train on the images as served (resize, centre crop), without random augmentation",
-    )
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must lie between 0 and 1, not {text}")
-    return value
-
-
-def _train_config(args: argparse.Namespace) -> TrainConfig:
-    return TrainConfig(
-        backbone=args.backbone,
-        weights=args.weights,
-        epochs=args.epochs,
-        warmup_epochs=min(args.warmup_epochs, args.epochs),
-        batch_size=args.batch_size,
-        lr=args.lr,
-        backbone_lr_factor=args.backbone_lr_factor,
-        embed_dim=args.embed_dim,
-        head=args.head,
-        val_fraction=args.val_fraction,
-        seed=args.seed,
-        device=args.device,
-        workers=args.workers,
-        image_size=args.image_size,
-        target_precision=args.target_precision,
-        augment=args.augment,
-        probe=args.probe,
-        freeze_bn=args.freeze_bn,
-        init_from=str(args.init_from) if getattr(args, "init_from", None) else None,
-    )
+def _common(parser: argparse.ArgumentParser, **defaults: object) -> None:
+    add_options(parser, COMMON, **defaults)
 
 
 def _train_parser(commands: argparse._SubParsersAction) -> None:
@@ -245,7 +101,7 @@ def _train_parser(commands: argparse._SubParsersAction) -> None:
         "the checkpoint is deleted once the bundle is saved",
     )
     _common(parser)
-    _training_options(parser)
+    add_options(parser, TRAINING)
     parser.set_defaults(run=_run_train)
 
 
@@ -253,7 +109,8 @@ def _run_train(args: argparse.Namespace) -> None:
     """Train; under torchrun every process runs this and rank 0 writes the bundle."""
     from models.training import train
 
-    bundle = train(args.data_dir, args.out, _train_config(args), resume=args.resume)
+    init_from = str(args.init_from) if args.init_from else None
+    bundle = train(args.data_dir, args.out, config_from(args, init_from=init_from), args.resume)
     if os.environ.get("RANK", "0") == "0":  # the other ranks' BatchNorm buffers differ slightly
         print(f"bundle written to {args.out} (model {bundle.fingerprint})")
 
@@ -274,8 +131,7 @@ def _index_parser(commands: argparse._SubParsersAction) -> None:
         metavar="DIR",
         help="index folder (default: BUNDLE/index, or ./index-BACKBONE)",
     )
-    parser.add_argument("--batch-size", type=_positive, default=32, help="(default: %(default)s)")
-    parser.add_argument("--workers", type=int, default=2, help="(default: %(default)s)")
+    add_options(parser, ("batch_size", "workers"))
     parser.add_argument(
         "--rebuild",
         action="store_true",
@@ -336,24 +192,16 @@ def _eval_parser(commands: argparse._SubParsersAction) -> None:
         "--out", type=Path, metavar="DIR", help="report folder (default: BUNDLE/eval)"
     )
     parser.add_argument(
-        "--knn-k", type=_positive, default=5, help="neighbours in the vote (default: %(default)s)"
+        "--knn-k", type=positive, default=5, help="neighbours in the vote (default: %(default)s)"
     )
-    parser.add_argument(
-        "--target-precision",
-        type=_fraction,
-        default=0.95,
-        help="precision the reported threshold aims for (default: %(default)s)",
-    )
-    parser.add_argument("--batch-size", type=_positive, default=32, help="(default: %(default)s)")
-    parser.add_argument("--workers", type=int, default=2, help="(default: %(default)s)")
-    parser.add_argument("--device", default="auto", choices=DEVICES, help="(default: %(default)s)")
+    add_options(parser, ("target_precision", "batch_size", "workers", "device"))
     parser.set_defaults(run=_run_eval)
 
 
 def _run_eval(args: argparse.Namespace) -> None:
     from app.stages import evaluate_folder
 
-    out = args.out or args.model / "eval"
+    out = args.out or BundleLayout(args.model).eval
     report = evaluate_folder(
         args.data_dir,
         args.model,
@@ -429,14 +277,14 @@ def _demo_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
     parser.add_argument("--no-serve", action="store_true", help="stop after indexing")
     _common(parser, backbone=INSTALLED_BACKBONE)
-    _training_options(parser, epochs=DEMO_EPOCHS)
+    add_options(parser, TRAINING, epochs=DEMO_EPOCHS)
     parser.set_defaults(run=_run_demo)
 
 
 def _run_demo(args: argparse.Namespace) -> None:
     from app.stages import demo
 
-    demo(args.workdir, _train_config(args), args.host, args.port, serve_it=not args.no_serve)
+    demo(args.workdir, config_from(args), args.host, args.port, serve_it=not args.no_serve)
 
 
 if __name__ == "__main__":  # python -m app.cli, e.g. under torchrun

@@ -10,6 +10,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from models.backbones import DEFAULT_BACKBONE, check_backbone
 from models.devices import DEVICES
 from models.images import DEFAULT_MAX_PIXELS
+from models.layout import BundleLayout
 
 
 class Settings(BaseSettings):
@@ -63,4 +64,4 @@ class Settings(BaseSettings):
         """The index folder to serve: the one given, else BUNDLE/index when a bundle is given."""
         if self.index_dir is not None:
             return self.index_dir
-        return self.bundle_dir / "index" if self.bundle_dir is not None else None
+        return BundleLayout(self.bundle_dir).index if self.bundle_dir is not None else None

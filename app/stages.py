@@ -20,6 +20,7 @@ from index.errors import IndexMissing, ModelMismatch
 from index.gallery import GalleryIndex, replace_directory
 from index.store import NewItem
 from models.bundle import Bundle
+from models.config import BATCH_SIZE, TARGET_PRECISION, WORKERS
 from models.data import check_images, find_images, label_of
 from models.errors import DatasetError
 from models.evaluation import (
@@ -29,9 +30,10 @@ from models.evaluation import (
     list_eval_images,
     neighbours_needed,
 )
+from models.layout import BundleLayout
 from models.report import write_report
 from models.samples import make_sample_dataset
-from models.training import METRICS_FILE, TrainConfig, train
+from models.training import TrainConfig, train
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +101,7 @@ def demo(workdir: Path, config: TrainConfig, host: str, port: int, serve_it: boo
     data_dir = make_sample_dataset(workdir / "data")
     bundle_dir = workdir / "bundle"
     bundle = train(data_dir, bundle_dir, config)
-    index_folder(data_dir, bundle, bundle_dir / "index", workers=config.workers)
+    index_folder(data_dir, bundle, BundleLayout(bundle_dir).index, workers=config.workers)
     example = next(iter(sorted((data_dir / "star").glob("*.png"))))
     print(
         f"\nimgsim demo: {bundle.config.backbone} fine-tuned on {data_dir}: val top-1 "
@@ -125,9 +127,9 @@ def evaluate_folder(
     index_dir: Path | None = None,
     use_index: bool = True,
     knn_k: int = 5,
-    target_precision: float = 0.95,
-    batch_size: int = 32,
-    workers: int = 2,
+    target_precision: float = TARGET_PRECISION,
+    batch_size: int = BATCH_SIZE,
+    workers: int = WORKERS,
     device: str = "auto",
 ) -> dict[str, Any]:
     """Evaluate a bundle on held-out class folders; write report.json and report.html.
@@ -140,7 +142,8 @@ def evaluate_folder(
     if not images.paths:
         raise DatasetError(f"{data_dir} has no class subfolders with readable images to evaluate")
     probabilities, embeddings = bundle.classify(images.paths, batch_size, workers)
-    gallery_dir = index_dir or bundle_dir / "index"
+    layout = BundleLayout(bundle_dir)
+    gallery_dir = index_dir or layout.index
     if use_index and (index_dir is not None or gallery_dir.exists()):
         gallery = GalleryIndex.load(gallery_dir, bundle.fingerprint)
         neighbours = _gallery_neighbours(gallery, embeddings, images.paths, knn_k, gallery_dir)
@@ -161,9 +164,8 @@ def evaluate_folder(
             "data": str(data_dir),
         },
     )
-    history_file = bundle_dir / METRICS_FILE
-    history = json.loads(history_file.read_text()) if history_file.is_file() else None
-    write_report(out_dir or bundle_dir / "eval", report, history)
+    history = json.loads(layout.metrics.read_text()) if layout.metrics.is_file() else None
+    write_report(out_dir or layout.eval, report, history)
     return report
 
 

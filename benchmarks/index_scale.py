@@ -134,7 +134,7 @@ def measure(
 ) -> dict:
     """Tune `index`, then measure memory, batch-1 latency and held-out recall."""
     params = kinds.tune_search(index, gallery.tune_queries, gallery.tune_truth, TARGET_RECALL, K)
-    recall = kinds.recall_at_k(index.search(gallery.queries, K)[1], gallery.truth, K)
+    recall = kinds.neighbour_overlap_at_k(index.search(gallery.queries, K)[1], gallery.truth, K)
     latencies = batch1_latency_ms(index, gallery.queries, args.latency_seconds)
     n, dim = gallery.base.shape
     row = {

@@ -31,7 +31,8 @@ from pathlib import Path
 from app.stages import evaluate_folder, index_folder
 from models.bundle import Bundle
 from models.data import find_images
-from models.training import METRICS_FILE, TrainConfig, train
+from models.layout import BundleLayout
+from models.training import TrainConfig, train
 
 STAMPS = Path("/work/data/stamps/usr/share/tuxpaint/stamps")
 CLASSES = ("food", "plants", "vehicles", "household")
@@ -90,7 +91,7 @@ def frozen(backbone: str, data: Path, test: Path, work: Path) -> dict:
     out = work / f"frozen-{backbone}"
     Bundle.pretrained(backbone, "imagenet", "cpu").save(out)
     bundle = Bundle.load(out, "cpu")
-    index_folder(data, bundle, out / "index")
+    index_folder(data, bundle, BundleLayout(out).index)
     return evaluate_folder(test, out, device="cpu")
 
 
@@ -101,9 +102,9 @@ def fine_tuned(name: str, data: Path, test: Path, work: Path, config: TrainConfi
     train(data, out, config)
     train_s = time.perf_counter() - started
     bundle = Bundle.load(out, "cpu")
-    index_folder(data, bundle, out / "index")
+    index_folder(data, bundle, BundleLayout(out).index)
     report = evaluate_folder(test, out, device="cpu")
-    history = [r for r in json.loads((out / METRICS_FILE).read_text()) if r["epoch"] > 0]
+    history = [r for r in json.loads(BundleLayout(out).metrics.read_text()) if r["epoch"] > 0]
     per_epoch = sum(r["seconds"] for r in history) / len(history) if history else None
     return {"report": report, "s_per_epoch": per_epoch, "train_s": train_s}
 

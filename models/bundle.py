@@ -23,17 +23,17 @@ from models.backbones import (
     imagenet_categories,
     preprocessing_for,
 )
+from models.config import BATCH_SIZE
 from models.data import ImageDataset, Readable, decode, eval_transform
 from models.devices import resolve_device
 from models.errors import BundleError, UnsupportedImage
 from models.files import atomic_write
 from models.images import DEFAULT_MAX_PIXELS
+from models.layout import BundleLayout
 from models.network import DEFAULT_TEMPERATURE, EmbeddingNet, build_imagenet_net, build_net
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
 FORMAT_VERSION = 1
 Input = Image.Image | Path | bytes  # what encode takes: a decoded image, a file or its bytes
 
@@ -108,19 +108,21 @@ class Bundle:
         """Write config.json and model.safetensors; each file is replaced atomically."""
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}
-        atomic_write(directory / WEIGHTS_FILE, lambda path: save_file(state, str(path)))
+        layout = BundleLayout(directory)
+        atomic_write(layout.weights, lambda path: save_file(state, str(path)))
         config = {**self.config.to_dict(), "fingerprint": self.fingerprint}
         text = json.dumps(config, indent=2)
-        atomic_write(directory / CONFIG_FILE, lambda path: path.write_text(text))
+        atomic_write(layout.config, lambda path: path.write_text(text))
 
     @classmethod
     def load(cls, directory: Path, device: str = "auto") -> Bundle:
         """Rebuild the network through the registry and load its weights (no pickle)."""
-        config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+        layout = BundleLayout(directory)
+        config_path, weights_path = layout.config, layout.weights
         if not config_path.is_file() or not weights_path.is_file():
             raise BundleError(
-                f"{directory} is not a model bundle (it needs {CONFIG_FILE} and {WEIGHTS_FILE}). "
-                "Create one with 'imgsim train DATA_DIR --out BUNDLE'."
+                f"{directory} is not a model bundle (it needs {config_path.name} and "
+                f"{weights_path.name}). Create one with 'imgsim train DATA_DIR --out BUNDLE'."
             )
         raw = json.loads(config_path.read_text())
         config = BundleConfig.from_dict(raw)
@@ -142,13 +144,13 @@ class Bundle:
         return decode(source, self.config.preprocessing, max_pixels)
 
     def embed(
-        self, inputs: Input | Sequence[Input], batch_size: int = 32, workers: int = 0
+        self, inputs: Input | Sequence[Input], batch_size: int = BATCH_SIZE, workers: int = 0
     ) -> np.ndarray:
         """L2-normalised float32 embeddings (N, D) of one image or many."""
         return self.encode(inputs, batch_size, workers).embeddings
 
     def classify(
-        self, inputs: Input | Sequence[Input], batch_size: int = 32, workers: int = 0
+        self, inputs: Input | Sequence[Input], batch_size: int = BATCH_SIZE, workers: int = 0
     ) -> tuple[np.ndarray, np.ndarray]:
         """Class probabilities (N, C) and embeddings (N, D) of one image or many."""
         encoded = self.encode(inputs, batch_size, workers)
@@ -158,7 +160,7 @@ class Bundle:
     def encode(
         self,
         inputs: Input | Sequence[Input],
-        batch_size: int = 32,
+        batch_size: int = BATCH_SIZE,
         workers: int = 0,
         skip_unreadable: bool = False,
     ) -> Encoded:

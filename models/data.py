@@ -45,18 +45,38 @@ def find_images(root: Path) -> list[Path]:
     )
 
 
+SPLIT_FOLDERS = ("train", "val")
+
+
+def is_split(root: Path) -> bool:
+    """The train/val layout: root/train/<class>/... and root/val/<class>/..."""
+    return all((root / name).is_dir() for name in SPLIT_FOLDERS)
+
+
 def label_of(path: Path, root: Path) -> str | None:
-    """The class of an image: its top-level subfolder below root (None for files in root)."""
+    """The class of an image: its class folder, the top-level subfolder below root (below
+    root/train or root/val in the train/val layout); None for a file outside any class folder.
+    The one rule for training, indexing and evaluation."""
     parts = path.relative_to(root).parts
+    if parts and parts[0] in SPLIT_FOLDERS and is_split(root):
+        parts = parts[1:]
     return parts[0] if len(parts) > 1 else None
 
 
 def list_class_folders(
     root: Path, classes: list[str] | None = None
 ) -> tuple[list[str], list[Sample]]:
-    """Classes (sorted subfolder names with images, or the given ones) and their images."""
+    """Classes (sorted class folders with images, or the given ones) and their images; in the
+    train/val layout, the classes of train/ and the images of both."""
     if not root.is_dir():
         raise DatasetError(f"{root} is not a folder. Pass a folder with one subfolder per class.")
+    if is_split(root):
+        classes, train = _class_folders(root / "train", classes)
+        return classes, train + _class_folders(root / "val", classes)[1]
+    return _class_folders(root, classes)
+
+
+def _class_folders(root: Path, classes: list[str] | None) -> tuple[list[str], list[Sample]]:
     names = classes or sorted(
         p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
     )
@@ -117,10 +137,10 @@ def load_splits(
     data_dir: Path, val_fraction: float = 0.2, seed: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> tuple[list[str], list[Sample], list[Sample]]:
     """Classes, train and val samples: from train/ and val/ if present, else a seeded split."""
-    presplit = (data_dir / "train").is_dir() and (data_dir / "val").is_dir()
+    presplit = is_split(data_dir)
     if presplit:
-        classes, train = list_class_folders(data_dir / "train")
-        _, val = list_class_folders(data_dir / "val", classes)
+        classes, train = _class_folders(data_dir / "train", None)
+        _, val = _class_folders(data_dir / "val", classes)
     else:
         classes, train = list_class_folders(data_dir)
         val = []

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.backbones import FeatureFn, build_model, get_backbone
+from models.backbones import build_model, get_backbone
+from models.families import FeatureFn
 
 HEADS = ("cosine", "linear")
 DEFAULT_TEMPERATURE = 0.05  # Zhai & Wu (BMVC 2019): normalised softmax with temperature 0.05

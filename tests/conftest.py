@@ -14,6 +14,7 @@ from models.samples import make_sample_dataset
 from models.training import TrainConfig, train
 
 TINY = {"backbone": "resnet18", "weights": "none", "device": "cpu", "workers": 0}
+SIZE = 64  # the shapes are drawn at this size, and the session bundle trains and serves at it
 
 
 @pytest.fixture(autouse=True)
@@ -43,13 +44,15 @@ def cached_resnet18(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> torch.nn
 @pytest.fixture(scope="session")
 def shapes_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Four classes of generated shapes, 10 images each."""
-    return make_sample_dataset(tmp_path_factory.mktemp("shapes"), per_class=10, size=64)
+    return make_sample_dataset(tmp_path_factory.mktemp("shapes"), per_class=10, size=SIZE)
 
 
 @pytest.fixture(scope="session")
 def trained_bundle_dir(shapes_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A resnet18 bundle trained for two short epochs on the shapes (no pretrained weights)."""
     out = tmp_path_factory.mktemp("bundle")
-    config = TrainConfig(**TINY, epochs=2, warmup_epochs=1, batch_size=8, embed_dim=32, seed=0)
+    config = TrainConfig(
+        **TINY, epochs=2, warmup_epochs=1, batch_size=8, embed_dim=32, seed=0, image_size=SIZE
+    )
     train(shapes_dir, out, config)
     return out

@@ -30,7 +30,7 @@ def test_reload_gives_the_same_embeddings(
     config = json.loads((trained_bundle_dir / "config.json").read_text())
     assert config["backbone"] == "resnet18" and config["embed_dim"] == 32
     assert config["classes"] == ["circle", "square", "star", "triangle"]
-    assert config["preprocessing"]["crop_size"] == 224
+    assert config["preprocessing"]["crop_size"] == 64  # --image-size, stored with the bundle
     assert config["preprocessing"]["mean"] == pytest.approx([0.485, 0.456, 0.406])
 
 

@@ -137,3 +137,19 @@ def test_no_training_needed_imagenet_model_indexes_and_serves(
         body = client.post("/similar?k=1", files={"file": ("s.png", buffer.getvalue())}).json()
     assert body["neighbours"][0]["path"].endswith("star_004.png")
     assert body["neighbours"][0]["score"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_options_and_their_defaults_come_from_the_training_config() -> None:
+    from app.cli import DEMO_EPOCHS, build_parser
+    from app.options import config_from
+    from models.backbones import INSTALLED_BACKBONE
+    from models.config import TrainConfig
+
+    parser = build_parser()
+    assert config_from(parser.parse_args(["train", "photos", "--out", "b"])) == TrainConfig()
+    demo = config_from(parser.parse_args(["demo"]))
+    assert demo == TrainConfig(backbone=INSTALLED_BACKBONE, epochs=DEMO_EPOCHS)
+    tuned = parser.parse_args(
+        ["train", "p", "--out", "b", "--no-probe", "--train-bn", "--lr", "0.01"]
+    )
+    assert config_from(tuned) == TrainConfig(probe=False, freeze_bn=False, lr=0.01)

@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from models.data import check_images, find_images, label_of, load_splits, split_samples
+from models.data import (
+    check_images,
+    find_images,
+    label_of,
+    list_class_folders,
+    load_splits,
+    split_samples,
+)
 from models.errors import DatasetError
 
 
@@ -85,3 +92,38 @@ def test_split_samples_keeps_every_sample() -> None:
     train, val = split_samples(samples, 0.3, seed=0)
     assert sorted(map(str, [s.path for s in train + val])) == sorted(str(s.path) for s in samples)
     assert Counter(s.label for s in val) == {0: 3, 1: 3, 2: 3}
+
+
+@pytest.mark.parametrize("layout", ["classes", "train-val"])
+def test_one_rule_for_the_classes_of_a_folder(tmp_path: Path, layout: str) -> None:
+    """Training, indexing and evaluation read the same classes from either layout."""
+    if layout == "train-val":
+        make_folder(tmp_path / "train", {"cats": 2, "dogs": 2})
+        make_folder(tmp_path / "val", {"cats": 1, "dogs": 1})
+    else:
+        make_folder(tmp_path, {"cats": 3, "dogs": 3})
+    classes, samples = list_class_folders(tmp_path)
+    assert classes == ["cats", "dogs"] and len(samples) == 6
+    assert {label_of(s.path, tmp_path) for s in samples} == {"cats", "dogs"}
+    assert all(label_of(s.path, tmp_path) == classes[s.label] for s in samples)
+    assert load_splits(tmp_path)[0] == classes
+
+
+@pytest.mark.slow
+def test_index_labels_a_train_val_folder_by_class(tmp_path: Path, trained_bundle_dir: Path) -> None:
+    from app.stages import index_folder
+    from index.gallery import GalleryIndex
+    from models.bundle import Bundle
+
+    make_folder(tmp_path / "photos" / "train", {"circle": 2, "square": 2})
+    for name in ("circle", "square"):  # other content than train's, or it would be skipped
+        (tmp_path / "photos" / "val" / name).mkdir(parents=True)
+        colour = (0, 200, 0) if name == "circle" else (0, 0, 200)
+        Image.new("RGB", (8, 8), colour).save(tmp_path / "photos" / "val" / name / "v.png")
+    bundle = Bundle.load(trained_bundle_dir, "cpu")
+    index_folder(tmp_path / "photos", bundle, tmp_path / "index", workers=0)
+    gallery = GalleryIndex.load(tmp_path / "index", bundle.fingerprint)
+    try:
+        assert gallery.labels() == {"circle": 3, "square": 3}
+    finally:
+        gallery.close()

@@ -20,10 +20,11 @@ from models.backbones import preprocessing_for
 from models.bundle import Bundle, BundleConfig
 from models.data import load_splits
 from models.images import load_image
+from models.layout import BundleLayout
 from models.metrics import calibrate_threshold
 from models.network import build_net
 from models.samples import make_sample_dataset
-from models.training import CHECKPOINT_FILE, METRICS_FILE, TrainConfig, train
+from models.training import TrainConfig, train
 
 TINY = TrainConfig(
     backbone="resnet18",
@@ -67,7 +68,8 @@ def test_resume_after_interruption_gives_the_same_bundle(tmp_path: Path) -> None
     whole = train(data, tmp_path / "whole", TINY)
     with pytest.raises(Interrupted):
         train(data, tmp_path / "cut", TINY, on_epoch_end=_interrupt_after(1))
-    assert (tmp_path / "cut" / CHECKPOINT_FILE).is_file()
+    cut = BundleLayout(tmp_path / "cut")
+    assert cut.checkpoint.is_file()
     assert not (tmp_path / "cut" / "model.safetensors").exists()
     resumed = train(data, tmp_path / "cut", TINY, resume=True)
 
@@ -77,8 +79,8 @@ def test_resume_after_interruption_gives_the_same_bundle(tmp_path: Path) -> None
     assert all(torch.equal(expected[name], got[name]) for name in expected)
     assert resumed.fingerprint == whole.fingerprint
     assert resumed.config.threshold == whole.config.threshold
-    assert not (tmp_path / "cut" / CHECKPOINT_FILE).exists()  # removed once the bundle is saved
-    epochs = (tmp_path / "cut" / METRICS_FILE).read_text().count('"epoch"')
+    assert not cut.checkpoint.exists()  # removed once the bundle is saved
+    epochs = cut.metrics.read_text().count('"epoch"')
     assert epochs == TINY.epochs + 1  # the probe of LP-FT is recorded as epoch 0
 
 
