@@ -1,4 +1,7 @@
-"""Which FAISS index a gallery gets, and how its search is tuned.
+"""Which FAISS index a gallery gets, how it is built and tuned, and how to reach inside it.
+
+Every look through FAISS's wrappers (IDMap, pre-transforms, IVF) goes through `unwrapped` and
+`ivf_of`; `held_ids` and `search_parameters` use them for what the gallery needs of any kind.
 
 Embeddings are L2-normalised float32 and searched by inner product (cosine similarity).
 Three kinds, chosen by `choose_factory` from the gallery size and an optional memory budget:
@@ -17,11 +20,9 @@ Ids are the caller's int64 ids (the service's SQLite row ids) for every kind. De
 - IVF-PQ: the inverted lists store the ids themselves, so the IVF index is used unwrapped and
   removes in place. It is *not* wrapped in ``IndexIDMap2``: that wrapper assumes the index below
   renumbers like ``IndexFlat`` after a removal, which IVF does not, so ids would go stale.
-- HNSW: FAISS cannot unlink a node from the graph, so `remove_ids` rebuilds the graph from the
-  stored vectors of the ids that remain (cost of a fresh build; batch deletes). A deleted-id
-  filter at search time would be cheaper per delete, but the tombstones would then have to be
-  saved beside the index and would slowly degrade the graph; a rebuild keeps the index file the
-  whole truth.
+- HNSW: FAISS cannot unlink a node from the graph (``remove_ids`` raises). The gallery hides
+  deleted ids with a search-time selector and drops them at its next rebuild; the hidden ids
+  need no saving, since at load they are the ids the snapshot holds and SQLite does not.
 """
 
 from __future__ import annotations
@@ -62,10 +63,14 @@ PQ_DIMS_PER_BYTE = (2, 4, 8, 16)
 SEARCH_PARAMETERS = {"hnsw": "efSearch", "ivf": "nprobe"}
 EF_SEARCH_MAX = 4096
 RECALL_PLATEAU = 0.002  # doubling nprobe/efSearch gains less than this: recall has topped out
+TUNING_QUERIES = 200  # a gallery's own vectors used as queries when it is tuned
 
 
 def choose_factory(n: int, dim: int, memory_budget_bytes: int | None = None) -> str:
-    """FAISS factory string for `n` embeddings of size `dim` within an optional memory budget."""
+    """FAISS factory string for `n` embeddings of size `dim` within an optional memory budget.
+
+    Over the budget, IVF-PQ; but fewer than PQ_CENTROIDS embeddings cannot train its codes, and
+    take little memory anyway, so they keep the kind chosen by size."""
     if n < 1 or dim < 1:
         raise ValueError(f"need n >= 1 and dim >= 1, got n={n}, dim={dim}")
     flat_bytes = dim * FLOAT_BYTES + ID_BYTES
@@ -73,7 +78,11 @@ def choose_factory(n: int, dim: int, memory_budget_bytes: int | None = None) -> 
         factory, bytes_per_vector = "Flat", flat_bytes
     else:
         factory, bytes_per_vector = f"HNSW{HNSW_NEIGHBOURS},Flat", flat_bytes + HNSW_LINK_BYTES
-    if memory_budget_bytes is None or n * bytes_per_vector <= memory_budget_bytes:
+    if (
+        memory_budget_bytes is None
+        or n < PQ_CENTROIDS
+        or n * bytes_per_vector <= memory_budget_bytes
+    ):
         return factory
     return _ivf_pq_factory(n, dim, memory_budget_bytes)
 
@@ -100,7 +109,7 @@ def ivf_lists(n: int) -> int:
 def build_index(dim: int, factory: str) -> faiss.Index:
     """Empty index for unit embeddings from `factory`, taking the caller's int64 ids."""
     index = faiss.index_factory(dim, factory, METRIC)
-    if faiss.try_extract_index_ivf(index) is not None:
+    if ivf_of(index) is not None:
         # IVF keeps ids in its lists; L2 for PQ's sake (see the module docstring).
         return faiss.index_factory(dim, factory, faiss.METRIC_L2)
     if factory.startswith("IDMap"):
@@ -117,19 +126,76 @@ def similarities(index: faiss.Index, distances: np.ndarray) -> np.ndarray:
 
 def index_kind(index: faiss.Index) -> str:
     """'ivf', 'hnsw' or 'flat': which search parameter, if any, the index has."""
-    if faiss.try_extract_index_ivf(index) is not None:
+    if ivf_of(index) is not None:
         return "ivf"
-    if isinstance(_unwrap(index), faiss.IndexHNSW):
+    if isinstance(unwrapped(index), faiss.IndexHNSW):
         return "hnsw"
     return "flat"
 
 
-def _unwrap(index: faiss.Index) -> faiss.Index:
-    """The index under any IDMap / pre-transform wrappers."""
+def unwrapped(index: faiss.Index) -> faiss.Index:
+    """The index under any IDMap / pre-transform wrappers, as its own class."""
     index = faiss.downcast_index(index)
     while isinstance(index, faiss.IndexIDMap | faiss.IndexPreTransform):
         index = faiss.downcast_index(index.index)
     return index
+
+
+def ivf_of(index: faiss.Index) -> faiss.IndexIVF | None:
+    """The IVF index inside `index` as its own class (e.g. IndexIVFPQ), or None."""
+    ivf = faiss.try_extract_index_ivf(index)
+    return None if ivf is None else faiss.downcast_index(ivf)
+
+
+def held_ids(index: faiss.Index) -> np.ndarray:
+    """Every id the index holds: from the IDMap, or from the lists of an unwrapped IVF index."""
+    top = faiss.downcast_index(index)
+    if isinstance(top, faiss.IndexIDMap):
+        return faiss.vector_to_array(top.id_map).astype(np.int64)
+    lists = ivf_of(index).invlists
+    parts = [np.zeros(0, np.int64)]
+    for number in range(lists.nlist):
+        if size := lists.list_size(number):
+            parts.append(faiss.rev_swig_ptr(lists.get_ids(number), size).astype(np.int64))
+    return np.concatenate(parts)
+
+
+def search_parameters(index: faiss.Index, selector: faiss.IDSelector) -> faiss.SearchParameters:
+    """Search parameters carrying a selector and the index's own tuned settings; made afresh
+    for each search, since IndexIDMap swaps the selector inside them while it searches."""
+    ivf = ivf_of(index)
+    if ivf is not None:
+        return faiss.SearchParametersIVF(sel=selector, nprobe=ivf.nprobe)
+    inner = unwrapped(index)
+    if isinstance(inner, faiss.IndexHNSW):
+        return faiss.SearchParametersHNSW(sel=selector, efSearch=inner.hnsw.efSearch)
+    return faiss.SearchParameters(sel=selector)
+
+
+def build_filled(
+    dim: int, factory: str, ids: np.ndarray, vectors: np.ndarray
+) -> tuple[faiss.Index, dict]:
+    """An index of kind `factory` holding `vectors` under `ids`: trained on them, filled, and
+    tuned to the recall target on a sample of them; returns it and its search parameters."""
+    index = build_index(dim, factory)
+    if not len(ids):
+        return index, {}
+    train_if_needed(index, vectors)
+    index.add_with_ids(vectors, ids)
+    return index, tune_on_sample(index, ids, vectors)
+
+
+def tune_on_sample(index: faiss.Index, ids: np.ndarray, vectors: np.ndarray) -> dict:
+    """Tune an approximate index on up to TUNING_QUERIES of its own vectors as queries, against
+    exact search over all of them; an exact index has nothing to tune ({})."""
+    if index_kind(index) == "flat":
+        return {}
+    rng = np.random.default_rng(0)
+    queries = vectors[rng.choice(len(vectors), min(TUNING_QUERIES, len(vectors)), replace=False)]
+    exact = faiss.IndexFlatIP(vectors.shape[1])
+    exact.add(vectors)
+    _, truth = exact.search(queries, 10)
+    return tune_search(index, queries, ids[truth])
 
 
 def train_if_needed(index: faiss.Index, sample: np.ndarray) -> None:
@@ -137,9 +203,8 @@ def train_if_needed(index: faiss.Index, sample: np.ndarray) -> None:
     if index.is_trained:
         return
     size = len(sample)
-    ivf = faiss.try_extract_index_ivf(index)
+    ivf = ivf_of(index)
     if ivf is not None:
-        ivf = faiss.downcast_index(ivf)
         ivf.cp.niter = KMEANS_ITERATIONS
         if isinstance(ivf, faiss.IndexIVFPQ):
             ivf.pq.cp.niter = KMEANS_ITERATIONS
@@ -150,22 +215,7 @@ def train_if_needed(index: faiss.Index, sample: np.ndarray) -> None:
     index.train(np.ascontiguousarray(sample[rows], dtype=np.float32))
 
 
-def remove_ids(index: faiss.Index, ids: np.ndarray) -> int:
-    """Remove `ids` in place (HNSW: rebuild from the remaining vectors); returns how many."""
-    ids = np.asarray(ids, dtype=np.int64)
-    if index_kind(index) != "hnsw":
-        return index.remove_ids(ids)
-    stored = faiss.vector_to_array(index.id_map)
-    keep = ~np.isin(stored, ids)
-    if keep.all():
-        return 0
-    vectors = index.index.reconstruct_n(0, index.ntotal)[keep]
-    index.reset()  # keeps the graph parameters (M, efConstruction, efSearch)
-    index.add_with_ids(vectors, stored[keep])
-    return int((~keep).sum())
-
-
-def recall_at_k(found: np.ndarray, truth: np.ndarray, k: int) -> float:
+def neighbour_overlap_at_k(found: np.ndarray, truth: np.ndarray, k: int) -> float:
     """Fraction of the true top-`k` ids present in the found top-`k`, over all queries."""
     hits = found[:, :k, None] == truth[:, None, :k]
     return float(hits.any(axis=2).sum() / (len(truth) * k))
@@ -196,7 +246,7 @@ def tune_search(
     def recall_with(value: int | None) -> float:
         if value is not None:
             apply_search_params(index, {name: value})
-        return recall_at_k(index.search(queries, k)[1], truth_ids, k)
+        return neighbour_overlap_at_k(index.search(queries, k)[1], truth_ids, k)
 
     if kind == "flat":
         recall = recall_with(None)
@@ -204,7 +254,7 @@ def tune_search(
     if kind == "hnsw":
         name, value, limit = "efSearch", k, EF_SEARCH_MAX
     else:
-        name, value, limit = "nprobe", 1, faiss.extract_index_ivf(index).nlist
+        name, value, limit = "nprobe", 1, ivf_of(index).nlist
     value, recall, failed = _double_until(recall_with, value, limit, target_recall)
     if recall >= target_recall:
         value, recall = _bisect(recall_with, failed, value, recall, target_recall)

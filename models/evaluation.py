@@ -2,8 +2,37 @@
 
 The caller embeds and classifies the images and finds each one's gallery neighbours (in the
 bundle's index, or the evaluation images themselves with `leave_one_out`); `evaluate` turns
-those arrays into the report dict that `models.report.write_report` writes. Folder names are
-matched to the bundle's classes by name: images of other folders count only for retrieval.
+those arrays into the report record, which `models.report.write_report` writes as report.json
+and renders as report.html. Folder names are matched to the bundle's classes by name: images
+of other folders count only for retrieval.
+
+The record (JSON-safe: nan and inf are null):
+
+    bundle             dict        what was evaluated (path, backbone, fingerprint, data) and
+                                   the gallery the neighbours came from
+    num_images         int         evaluated images, every folder
+    num_classes        int         C, the bundle's classes
+    classes            list[str]   class names, index = label
+    classified_images  int         images in a folder named after one of the classes
+    foreign_folders    list[str]   the other folders (retrieval only)
+    top1, top5         float       classifier top-k accuracy on the classified images (k
+                                   clipped to C); null with none
+    macro_f1           float       unweighted mean of the per-class F1
+    per_class          list[dict]  one per class: class, precision, recall, f1, support
+    confusion          list[list[int]]  C x C counts, rows true, columns predicted
+    retrieval          dict        recall@1, recall@5, recall@10, map@r (null when no query
+                                   could be scored), num_queries, num_excluded (R == 0),
+                                   num_truncated (fewer neighbours than R: map@r is a lower
+                                   bound), num_neighbours (K supplied)
+    knn_top1           float       accuracy of the similarity-weighted kNN vote, classified
+                                   images; knn_top1_all_folders over every folder
+    knn_k              int         neighbours in that vote
+    classify_knn_agreement float   share of classified images where classifier and vote agree
+    unknown_threshold  dict        target_precision, threshold (null if unreachable) and, when
+                                   reached, the coverage and precision of answers at it
+    bundle_threshold   dict        the bundle's own threshold, its coverage and precision, and
+                                   foreign_answered_unknown: share of foreign-folder images
+                                   under it (null without such images)
 """
 
 from __future__ import annotations
@@ -87,7 +116,7 @@ def evaluate(
     threshold: float | None = None,
     bundle_info: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The report dict (see models.report) for these images, plus the bundle's own threshold."""
+    """The report record (see the module docstring) for these images."""
     class_index = {name: i for i, name in enumerate(classes)}
     known = np.array([folder in class_index for folder in folders], dtype=bool)
     labels = np.array([class_index.get(folder, -1) for folder in folders], dtype=np.int64)
@@ -99,13 +128,8 @@ def evaluate(
     voted = metrics.knn_vote(neighbour_ids, neighbours.scores, len(vocabulary), knn_k)
     best = metrics.calibrate_threshold(*_confidence(scores, true), target_precision)
     calibrated = _at_threshold(scores, true, best) if best is not None else {"threshold": None}
-    info = {
-        **(bundle_info or {}),
-        "gallery": neighbours.source,
-        "folders not in the bundle (retrieval only)": ", ".join(foreign) or "none",
-    }
     report = {
-        "bundle": info,
+        "bundle": {**(bundle_info or {}), "gallery": neighbours.source},
         "num_images": len(folders),
         "num_classes": len(classes),
         "classes": list(classes),

@@ -92,11 +92,13 @@ def recall_at_k(
     queries_in_gallery: bool,
     ks: Sequence[int] = (1, 5, 10),
 ) -> dict[int, float]:
-    """Fraction of queries with at least one same-label item among their k nearest neighbours.
+    """Retrieval Recall@K: fraction of queries with a same-label item among their k nearest.
 
-    Queries with R == 0 (see `relevant_counts`) cannot succeed and are left out, as in Musgrave
-    et al.; the result is nan when every query is left out. A k larger than the K neighbours
-    supplied uses all K, which is exact only when K covers the whole gallery.
+    This is Musgrave et al.'s Recall@K, a measure of the embedding; not the overlap of
+    approximate with exact neighbours by which an ANN index is tuned. Queries with R == 0
+    (see `relevant_counts`) cannot succeed and are left out, as in Musgrave et al.; the result
+    is nan when every query is left out. A k larger than the K neighbours supplied uses all K,
+    which is exact only when K covers the whole gallery.
     """
     relevant = relevant_counts(
         query_labels, gallery_label_counts, queries_in_gallery=queries_in_gallery

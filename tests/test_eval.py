@@ -1,8 +1,13 @@
-"""`imgsim eval`: its numbers against an independent computation (scikit-learn and loops)."""
+"""`imgsim eval`: its numbers against an independent computation (scikit-learn and loops), and
+the report written from its record and read back."""
 
 from __future__ import annotations
 
+import base64
+import importlib.util
 import json
+import math
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,6 +28,7 @@ from models.bundle import Bundle, BundleConfig
 from models.evaluation import Neighbours, evaluate, leave_one_out
 from models.images import load_image
 from models.network import build_net
+from models.report import to_jsonable, write_report
 from models.samples import make_sample_dataset
 
 CLASSES = ["circle", "square", "triangle"]
@@ -225,3 +231,69 @@ def test_eval_command_writes_the_report_against_the_index(tmp_path: Path) -> Non
     )
     loo = json.loads((tmp_path / "loo" / "report.json").read_text())
     assert "leave-one-out" in loo["bundle"]["gallery"]
+
+
+REPORT_CLASSES = ["<b>cats & dogs</b>", "birds", "fish", "$5 bills"]
+HISTORY = [
+    {"epoch": 1, "phase": "warmup", "train_loss": 1.3, "val_loss": 1.1, "val_top1": 0.5},
+    {"epoch": 2, "phase": "finetune", "train_loss": 0.9, "val_loss": None, "val_top1": None},
+    {"epoch": 3, "phase": "finetune", "train_loss": 0.6, "val_loss": 0.7, "val_top1": 0.8},
+]
+
+
+def _report_record() -> dict:
+    """`evaluate`'s record for seeded embeddings of the 4 classes and one foreign folder."""
+    rng = np.random.default_rng(3)
+    folders = np.repeat([*REPORT_CLASSES, "<i>moon</i>"], 10).tolist()
+    groups = np.repeat(np.arange(5), 10)
+    centres = rng.normal(size=(5, 16))
+    embeddings = centres[groups] + rng.normal(scale=1.2, size=(50, 16))
+    embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
+    logits = embeddings @ (centres[:4] / np.linalg.norm(centres[:4], axis=1, keepdims=True)).T * 5
+    probabilities = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    neighbours = leave_one_out(embeddings, folders, knn_k=5)
+    return evaluate(
+        probabilities,
+        folders,
+        REPORT_CLASSES,
+        neighbours,
+        threshold=0.5,
+        bundle_info={"path": "b/"},
+    )
+
+
+def test_write_report_renders_the_evaluate_record(tmp_path: Path) -> None:
+    report = _report_record()
+    assert set(report["retrieval"]) >= {"recall@1", "recall@5", "recall@10", "map@r"}
+    assert report["classified_images"] == 40 and report["top5"] == 1.0  # top-5 clips to C=4
+    assert sum(map(sum, report["confusion"])) == 40
+
+    paths = write_report(tmp_path / "out", report, HISTORY)
+    assert json.loads(paths["json"].read_text()) == report
+    page = paths["html"].read_text()
+    assert "&lt;b&gt;cats &amp; dogs&lt;/b&gt;" in page and "<b>cats" not in page
+    assert "&lt;i&gt;moon&lt;/i&gt;" in page and "<i>moon" not in page
+    pictures = re.findall(r'<img alt="[^"]*" src="data:image/png;base64,([^"]+)"', page)
+    assert len(pictures) == 2
+    assert all(base64.b64decode(png).startswith(b"\x89PNG") for png in pictures)
+
+    without_history = write_report(tmp_path / "plain", report, None)["html"].read_text()
+    assert without_history.count("<img") == 1
+
+
+def test_report_page_without_matplotlib_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *args: None if name == "matplotlib" else find_spec(name, *args),
+    )
+    page = write_report(tmp_path, _report_record(), HISTORY)["html"].read_text()
+    assert "<img" not in page and page.count("Pictures need matplotlib") == 2
+
+
+def test_to_jsonable_turns_numpy_and_nan_into_plain_json() -> None:
+    value = {"a": np.float32(0.5), "b": np.arange(3), "c": math.nan, 1: [np.int64(2)]}
+    assert to_jsonable(value) == {"a": 0.5, "b": [0, 1, 2], "c": None, "1": [2]}

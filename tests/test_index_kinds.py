@@ -80,7 +80,7 @@ def test_tuned_search_reaches_recall_floor(gallery: dict, factory: str) -> None:
     params = kinds.tune_search(index, gallery["queries"], gallery["truth"], RECALL_FLOOR, K)
     assert params["reached"] and params["recall"] >= RECALL_FLOOR
     found = index.search(gallery["queries"], K)[1]
-    assert kinds.recall_at_k(found, gallery["truth"], K) == params["recall"]
+    assert kinds.neighbour_overlap_at_k(found, gallery["truth"], K) == params["recall"]
 
 
 def test_memory_budget_picks_the_ivf_pq_tested_above() -> None:
@@ -130,8 +130,8 @@ def test_search_params_survive_save_and_load(gallery: dict, factory: str, tmp_pa
     np.testing.assert_array_equal(loaded.search(queries, K)[1], expected)
 
 
-def test_recall_at_k_counts_overlap() -> None:
+def test_neighbour_overlap_at_k_counts_shared_ids() -> None:
     truth = np.array([[1, 2, 3], [4, 5, 6]])
     found = np.array([[3, 2, 9], [-1, -1, -1]])
-    assert kinds.recall_at_k(found, truth, 3) == pytest.approx(2 / 6)
-    assert kinds.recall_at_k(found, truth, 1) == 0.0
+    assert kinds.neighbour_overlap_at_k(found, truth, 3) == pytest.approx(2 / 6)
+    assert kinds.neighbour_overlap_at_k(found, truth, 1) == 0.0

@@ -1,18 +1,12 @@
-"""Metrics against scikit-learn and hand-worked cases; the report written and read back."""
+"""Metrics against scikit-learn and hand-worked cases."""
 
 from __future__ import annotations
-
-import base64
-import json
-import math
-import re
 
 import numpy as np
 import pytest
 from sklearn import metrics as skm
 
 from models import metrics
-from models.report import build_report, to_jsonable, write_report
 
 NUM_CLASSES = 7
 
@@ -164,99 +158,3 @@ def test_calibrate_threshold_hand_case() -> None:
     assert metrics.calibrate_threshold(confidences, correct, 0.6) == 0.5
     assert metrics.calibrate_threshold(confidences, ~np.ones(6, bool), 0.5) is None
     assert metrics.calibrate_threshold(np.array([]), np.array([], bool)) is None
-
-
-CLASS_NAMES = ["<b>cats & dogs</b>", "birds", "fish", "$5 bills"]
-
-
-def _evaluation_arrays() -> dict[str, np.ndarray]:
-    """Seeded embeddings of 4 classes, class scores and leave-one-out neighbours."""
-    rng = np.random.default_rng(3)
-    labels = np.repeat(np.arange(4), 10)
-    centres = rng.normal(size=(4, 16))
-    embeddings = centres[labels] + rng.normal(scale=1.2, size=(40, 16))
-    embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
-    similarities = embeddings @ embeddings.T
-    np.fill_diagonal(similarities, -np.inf)
-    order = np.argsort(-similarities, axis=1)[:, :15]
-    logits = embeddings @ (centres / np.linalg.norm(centres, axis=1, keepdims=True)).T * 5
-    scores = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
-    return {
-        "scores": scores,
-        "labels": labels,
-        "neighbour_labels": labels[order],
-        "neighbour_scores": np.take_along_axis(similarities, order, axis=1),
-        "gallery_label_counts": np.bincount(labels),
-    }
-
-
-HISTORY = [
-    {
-        "epoch": 1,
-        "phase": "warmup",
-        "train_loss": 1.3,
-        "val_loss": 1.1,
-        "val_top1": 0.5,
-        "lr": 1e-3,
-        "seconds": 2.0,
-    },
-    {
-        "epoch": 2,
-        "phase": "finetune",
-        "train_loss": 0.9,
-        "val_loss": None,
-        "val_top1": None,
-        "lr": 1e-4,
-        "seconds": 3.0,
-    },
-    {
-        "epoch": 3,
-        "phase": "finetune",
-        "train_loss": 0.6,
-        "val_loss": 0.7,
-        "val_top1": 0.8,
-        "lr": 1e-4,
-        "seconds": 3.0,
-    },
-]
-
-
-def test_build_and_write_report(tmp_path) -> None:
-    arrays = _evaluation_arrays()
-    report = build_report(
-        class_names=CLASS_NAMES, queries_in_gallery=True, bundle={"path": "b/"}, **arrays
-    )
-    assert {
-        "bundle",
-        "num_images",
-        "num_classes",
-        "classes",
-        "top1",
-        "top5",
-        "macro_f1",
-        "per_class",
-        "confusion",
-        "retrieval",
-        "knn_top1",
-        "knn_k",
-        "unknown_threshold",
-    } <= report.keys()
-    assert set(report["retrieval"]) >= {"recall@1", "recall@5", "recall@10", "map@r"}
-    assert report["num_images"] == 40 and report["top5"] == 1.0  # 4 classes: top-5 clips to 4
-    assert sum(map(sum, report["confusion"])) == 40
-
-    paths = write_report(tmp_path / "out", report, HISTORY)
-    assert json.loads(paths["json"].read_text()) == report
-    page = paths["html"].read_text()
-    assert "&lt;b&gt;cats &amp; dogs&lt;/b&gt;" in page and "<b>cats" not in page
-    pictures = re.findall(r'<img alt="[^"]*" src="data:image/png;base64,([^"]+)"', page)
-    assert len(pictures) == 2
-    assert all(base64.b64decode(png).startswith(b"\x89PNG") for png in pictures)
-
-    without_history = write_report(tmp_path / "plain", report, None)["html"].read_text()
-    assert without_history.count("<img") == 1
-
-
-def test_to_jsonable_turns_numpy_and_nan_into_plain_json() -> None:
-    value = {"a": np.float32(0.5), "b": np.arange(3), "c": math.nan, 1: [np.int64(2)]}
-    assert to_jsonable(value) == {"a": 0.5, "b": [0, 1, 2], "c": None, "1": [2]}
