@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+_NAMES = {
+    "config": "config.json",
+    "weights": "model.safetensors",
+    "metrics": "metrics.json",
+    "checkpoint": "checkpoint.pt",
+    "index": "index",
+    "eval": "eval",
+}
 
 
 @dataclass(frozen=True)
@@ -11,36 +20,16 @@ class BundleLayout:
     """Where each part of a bundle lives below its folder."""
 
     root: Path
+    config: Path = field(init=False)  # backbone, classes, preprocessing, fingerprint (JSON)
+    weights: Path = field(init=False)  # the network's tensors (safetensors: no pickle)
+    metrics: Path = field(init=False)  # one record per training epoch (JSON)
+    checkpoint: Path = field(init=False)  # what an interrupted run resumes from
+    index: Path = field(init=False)  # the gallery index built with this bundle
+    eval: Path = field(init=False)  # the evaluation report folder
 
-    @property
-    def config(self) -> Path:
-        """Backbone, classes, preprocessing and the weights' fingerprint (JSON)."""
-        return self.root / "config.json"
-
-    @property
-    def weights(self) -> Path:
-        """The network's tensors (safetensors: no pickle)."""
-        return self.root / "model.safetensors"
-
-    @property
-    def metrics(self) -> Path:
-        """One record per training epoch (JSON)."""
-        return self.root / "metrics.json"
-
-    @property
-    def checkpoint(self) -> Path:
-        """The state an interrupted training run resumes from; removed once the bundle is saved."""
-        return self.root / "checkpoint.pt"
-
-    @property
-    def index(self) -> Path:
-        """The gallery index folder built with this bundle."""
-        return self.root / "index"
-
-    @property
-    def eval(self) -> Path:
-        """The evaluation report folder."""
-        return self.root / "eval"
+    def __post_init__(self) -> None:
+        for part, name in _NAMES.items():
+            object.__setattr__(self, part, self.root / name)
 
     def decoded(self, rank: int) -> Path:
         """A training process's cache of decoded images; removed when training ends."""
