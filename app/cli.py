@@ -142,6 +142,14 @@ def _index_parser(commands: argparse._SubParsersAction) -> None:
         metavar="FACTORY",
         help="FAISS factory string, e.g. HNSW32,Flat (default: chosen from the collection size)",
     )
+    parser.add_argument(
+        "--max-index-memory",
+        type=positive,
+        metavar="BYTES",
+        help="keep the index within BYTES: where the full vectors (Flat or HNSW) would need "
+        "more, the chosen kind is IVF-PQ, which stores compressed codes; kept with the "
+        "collection (default: no limit)",
+    )
     _common(parser)
     parser.set_defaults(run=_run_index)
 
@@ -163,6 +171,7 @@ def _run_index(args: argparse.Namespace) -> None:
         args.workers,
         rebuild=args.rebuild,
         factory=args.index_factory,
+        max_index_memory=args.max_index_memory,
     )
     print(f"indexed {len(gallery)} images into {out} (model {bundle.fingerprint})")
 

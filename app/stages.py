@@ -17,11 +17,12 @@ from app.main import create_app
 from app.service import load_service
 from app.settings import Settings
 from index.errors import IndexMissing, ModelMismatch
-from index.gallery import GalleryIndex, replace_directory
+from index.folder import replace_directory
+from index.gallery import GalleryIndex
 from index.store import NewItem
 from models.bundle import Bundle
 from models.config import BATCH_SIZE, TARGET_PRECISION, WORKERS
-from models.data import check_images, find_images, label_of
+from models.data import find_images, label_of
 from models.errors import DatasetError
 from models.evaluation import (
     Neighbours,
@@ -42,52 +43,74 @@ def index_folder(
     gallery_dir: Path,
     bundle: Bundle,
     out_dir: Path,
-    batch_size: int = 32,
-    workers: int = 2,
+    batch_size: int = BATCH_SIZE,
+    workers: int = WORKERS,
     rebuild: bool = False,
     factory: str | None = None,
+    max_index_memory: int | None = None,
 ) -> GalleryIndex:
     """Add the readable images below gallery_dir to the index at out_dir, skipping files
     already indexed (same content); build it afresh when there is none, when it belongs to
-    another model, or with rebuild."""
+    another model, or with rebuild. Each file is read once to hash it and decoded once to
+    embed it. max_index_memory (bytes, kept with the collection) makes the chosen index kind
+    IVF-PQ where Flat or HNSW would need more."""
     paths = find_images(gallery_dir) if gallery_dir.is_dir() else []
     if not paths:
         raise DatasetError(
             f"{gallery_dir} holds no images (.jpg, .png, .webp, ...); "
             "pass the folder of images to index."
         )
-    good, _ = check_images(paths)
     target = out_dir
-    gallery = None if rebuild else _open_for_update(out_dir, bundle, factory)
+    gallery = None if rebuild else _open_for_update(out_dir, bundle, factory, max_index_memory)
     if gallery is None:
         target = out_dir.with_name(f".{out_dir.name}.building-{os.getpid()}")
         shutil.rmtree(target, ignore_errors=True)
-        gallery = GalleryIndex.create(bundle.embedding_dim, bundle.fingerprint, target, factory)
+        gallery = GalleryIndex.create(
+            bundle.embedding_dim,
+            bundle.fingerprint,
+            target,
+            factory,
+            max_index_memory=max_index_memory,
+        )
     known = gallery.known_contents()
-    hashes = [hashlib.sha256(path.read_bytes()).hexdigest() for path in good]
-    new = [(path, sha) for path, sha in zip(good, hashes, strict=True) if sha not in known]
-    log.info("%d images, %d already indexed, %d to add", len(good), len(good) - len(new), len(new))
-    embeddings = bundle.embed([path for path, _ in new], batch_size, workers)
+    hashes = [hashlib.sha256(path.read_bytes()).hexdigest() for path in paths]
+    new = [(path, sha) for path, sha in zip(paths, hashes, strict=True) if sha not in known]
+    log.info(
+        "%d images, %d already indexed, %d to add", len(paths), len(paths) - len(new), len(new)
+    )
+    encoded = bundle.encode([path for path, _ in new], batch_size, workers, skip_unreadable=True)
+    unreadable = dict(encoded.failed)
+    if unreadable:
+        listing = "; ".join(f"{new[i][0]} ({why})" for i, why in unreadable.items())
+        log.warning("skipping %d unreadable image(s): %s", len(unreadable), listing)
+    readable = [pair for i, pair in enumerate(new) if i not in unreadable]
     # Label by the path as found (a symlink may point outside the gallery); store it resolved.
-    items = [NewItem(str(p.resolve()), label_of(p, gallery_dir), sha256=s) for p, s in new]
-    gallery.add(embeddings, items)
-    if target != out_dir:
-        gallery.rebuild()  # the index kind for the final size, tuned
+    items = [NewItem(str(p.resolve()), label_of(p, gallery_dir), sha256=s) for p, s in readable]
+    if target != out_dir:  # a new index: built once, as the kind for its final size
+        gallery.fill(encoded.embeddings, items)
+    else:
+        gallery.add(encoded.embeddings, items)
     gallery.close()
     if target != out_dir:
         replace_directory(target, out_dir)
     return gallery
 
 
-def _open_for_update(out_dir: Path, bundle: Bundle, factory: str | None) -> GalleryIndex | None:
-    """The existing index at out_dir when it is of this bundle's model, else None."""
+def _open_for_update(
+    out_dir: Path, bundle: Bundle, factory: str | None, max_index_memory: int | None
+) -> GalleryIndex | None:
+    """The existing index at out_dir when it is of this bundle's model (kept within
+    max_index_memory bytes from now on, when given), else None."""
     try:
-        return GalleryIndex.load(out_dir, bundle.fingerprint, factory=factory)
+        gallery = GalleryIndex.load(out_dir, bundle.fingerprint, factory=factory)
     except IndexMissing:
         return None
     except ModelMismatch:
         log.warning("the bundle changed since %s was built: rebuilding it from scratch", out_dir)
         return None
+    if max_index_memory is not None:
+        gallery.limit_memory(max_index_memory)
+    return gallery
 
 
 def serve(settings: Settings, host: str = "127.0.0.1", port: int = 8000) -> None:

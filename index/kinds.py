@@ -20,9 +20,8 @@ Ids are the caller's int64 ids (the service's SQLite row ids) for every kind. De
 - IVF-PQ: the inverted lists store the ids themselves, so the IVF index is used unwrapped and
   removes in place. It is *not* wrapped in ``IndexIDMap2``: that wrapper assumes the index below
   renumbers like ``IndexFlat`` after a removal, which IVF does not, so ids would go stale.
-- HNSW: FAISS cannot unlink a node from the graph (``remove_ids`` raises). The gallery hides
-  deleted ids with a search-time selector and drops them at its next rebuild; the hidden ids
-  need no saving, since at load they are the ids the snapshot holds and SQLite does not.
+- HNSW: FAISS cannot unlink a node from the graph (``remove_ids`` raises), so deleted ids are
+  hidden at search time until the next rebuild (see index/vectors.py).
 """
 
 from __future__ import annotations
@@ -30,6 +29,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import faiss
 import numpy as np
@@ -66,6 +66,20 @@ RECALL_PLATEAU = 0.002  # doubling nprobe/efSearch gains less than this: recall 
 TUNING_QUERIES = 200  # a gallery's own vectors used as queries when it is tuned
 
 
+@dataclass(frozen=True)
+class KindChoice:
+    """How a collection's index kind is picked: the factory asked for, else `choose_factory`
+    from its size, within max_memory bytes when given."""
+
+    dim: int
+    asked: str | None = None
+    max_memory: int | None = None
+
+    def for_size(self, n: int) -> str:
+        """The factory string for an index of n items."""
+        return self.asked or choose_factory(max(n, 1), self.dim, self.max_memory)
+
+
 def choose_factory(n: int, dim: int, memory_budget_bytes: int | None = None) -> str:
     """FAISS factory string for `n` embeddings of size `dim` within an optional memory budget.
 
@@ -78,11 +92,8 @@ def choose_factory(n: int, dim: int, memory_budget_bytes: int | None = None) -> 
         factory, bytes_per_vector = "Flat", flat_bytes
     else:
         factory, bytes_per_vector = f"HNSW{HNSW_NEIGHBOURS},Flat", flat_bytes + HNSW_LINK_BYTES
-    if (
-        memory_budget_bytes is None
-        or n < PQ_CENTROIDS
-        or n * bytes_per_vector <= memory_budget_bytes
-    ):
+    fits = memory_budget_bytes is None or n * bytes_per_vector <= memory_budget_bytes
+    if fits or n < PQ_CENTROIDS:
         return factory
     return _ivf_pq_factory(n, dim, memory_budget_bytes)
 

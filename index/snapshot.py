@@ -3,7 +3,7 @@
 snapshot.json is the commit point: it names the snapshot file, the seq of the last change in it,
 the model fingerprint, dim, factory, search params and the file's sha256. Both are written to a
 temporary name, fsynced and renamed into place, the file before the json, so a crash leaves the
-previous snapshot or the new one, never half of one.
+previous snapshot or the new one, never half of one. `Snapshots` decides when one is taken.
 """
 
 from __future__ import annotations
@@ -11,13 +11,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import faiss
 import numpy as np
 
+from index.store import ItemStore
 from models.files import atomic_write
 
 log = logging.getLogger(__name__)
@@ -28,6 +31,43 @@ PREFIX = "snapshot-"
 
 class SnapshotUnusable(Exception):
     """The snapshot is missing, corrupt or of another model; the index is rebuilt from SQLite."""
+
+
+Capture = Callable[[], tuple[np.ndarray, dict[str, Any]]]  # index bytes, info with last_seq
+
+
+class Snapshots:
+    """A collection's snapshots, one at a time: taken on demand, or in a background thread once
+    `every` changes have piled up since the last; none for a collection in memory."""
+
+    def __init__(self, directory: Path | None, store: ItemStore, every: int):
+        self.directory, self.store, self.every = directory, store, every
+        self.seq = 0  # the last change the latest snapshot contains
+        self._mutex = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def take(self, capture: Capture) -> None:
+        """Write what `capture` returns, then drop the change log up to its last_seq."""
+        if self.directory is None:
+            return
+        with self._mutex:
+            data, info = capture()
+            write_snapshot(self.directory, data, info)
+            self.store.forget_changes(info["last_seq"])
+            self.seq = info["last_seq"]
+
+    def soon(self, last_change: int, capture: Capture) -> None:
+        """Take one in the background if enough changes have piled up and none is running."""
+        due = last_change - self.seq >= self.every
+        running = self._thread is not None and self._thread.is_alive()
+        if due and not running and self.directory is not None:
+            self._thread = threading.Thread(target=self.take, args=(capture,), daemon=True)
+            self._thread.start()
+
+    def wait(self) -> None:
+        """Wait for a background snapshot to finish."""
+        if self._thread is not None:
+            self._thread.join()
 
 
 def write_snapshot(directory: Path, data: np.ndarray, info: dict[str, Any]) -> None:

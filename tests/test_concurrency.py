@@ -1,11 +1,17 @@
 """Many threads adding, deleting and searching one gallery: it stays consistent, and a search
-that starts after a delete was acknowledged never returns the deleted item."""
+that starts after a delete was acknowledged never returns the deleted item.
+
+No clock decides anything, so a loaded machine cannot make it flaky: each writer does a fixed
+amount of work; each delete waits until a search has started after it, so every delete is raced
+by searches; searchers run until the writers are done; and "after" is the order of tickets from
+one counter, drawn under one lock.
+"""
 
 from __future__ import annotations
 
+import itertools
 import random
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,7 +22,9 @@ from index.gallery import GalleryIndex
 from index.store import NewItem
 
 DIM = 16
-SECONDS = 2.0
+ADD_BATCHES = 60  # per adder
+DELETES = 40  # per deleter
+STUCK = 120.0  # seconds a deleter waits for a search before failing instead of hanging
 
 
 def unit(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -33,15 +41,17 @@ def test_threads_adding_deleting_and_searching(tmp_path: Path, factory: str) -> 
         a.id: v for a, v in zip(gallery.add(first, [NewItem("x")] * 300), first, strict=True)
     }
     live = set(vectors)
-    deleted_at: dict[int, float] = {}  # id -> when its delete was acknowledged
-    searches: list[tuple[float, set[int]]] = []  # (start, ids returned)
-    guard = threading.Lock()  # guards the bookkeeping above, not the gallery
-    stop = time.monotonic() + SECONDS
+    tickets = itertools.count()  # drawn under guard: their order is the order of events
+    deleted_at: dict[int, int] = {}  # id -> ticket drawn once its delete was acknowledged
+    searches: list[tuple[int, set[int]]] = []  # (ticket drawn as it started, ids returned)
+    started = [0]  # searches started so far
+    guard = threading.Condition()  # guards the bookkeeping above, not the gallery
+    writers_done = threading.Event()
     errors: list[BaseException] = []
 
     def adder(seed: int) -> None:
         local = np.random.default_rng(seed)
-        while time.monotonic() < stop:
+        for _ in range(ADD_BATCHES):
             batch = unit(local, int(local.integers(1, 4)))
             added = gallery.add(batch, [NewItem("x", "l")] * len(batch))
             with guard:
@@ -49,49 +59,58 @@ def test_threads_adding_deleting_and_searching(tmp_path: Path, factory: str) -> 
                     vectors[a.id] = v
                     live.add(a.id)
 
+    def searched_since(count: int) -> Callable[[], bool]:
+        return lambda: started[0] > count or bool(errors)
+
     def deleter(seed: int) -> None:
         local = random.Random(seed)
-        while time.monotonic() < stop:
+        for _ in range(DELETES):  # 300 items to start with: never runs out
             with guard:
-                if len(live) < 100:  # let the adders catch up
-                    victim = None
-                else:
-                    victim = local.choice(sorted(live))
-                    live.discard(victim)  # only this thread deletes it
-            if victim is None:
-                time.sleep(0.01)
-                continue
+                victim = local.choice(sorted(live))
+                live.discard(victim)  # only this thread deletes it
             gallery.delete(victim)
             with guard:
-                deleted_at[victim] = time.monotonic()
+                deleted_at[victim] = next(tickets)
+                if not guard.wait_for(searched_since(started[0]), STUCK):
+                    raise TimeoutError(f"no search started within {STUCK} s of a delete")
 
     def searcher(seed: int) -> None:
         local = random.Random(seed)
-        while time.monotonic() < stop:
+        while not writers_done.is_set():
             with guard:  # aim at recently deleted items: the likeliest to leak
                 pool = list(deleted_at)[-20:] or sorted(live)
                 query = np.stack([vectors[local.choice(pool)] for _ in range(4)])
-            started = time.monotonic()
+                ticket = next(tickets)
+                started[0] += 1
+                guard.notify_all()
             found = gallery.search(query, 10)
             with guard:
-                searches.append((started, {n.id for row in found for n in row}))
+                searches.append((ticket, {n.id for row in found for n in row}))
 
     def run(target: Callable[[int], None], seed: int) -> None:
         try:
             target(seed)
         except BaseException as err:  # reported below, with the thread's traceback
-            errors.append(err)
+            with guard:
+                errors.append(err)
+                guard.notify_all()
 
-    roles = [adder, adder, deleter, deleter, searcher, searcher, searcher]
-    threads = [threading.Thread(target=run, args=(r, i)) for i, r in enumerate(roles)]
-    for thread in threads:
+    writers = [adder, adder, deleter, deleter]
+    threads = [threading.Thread(target=run, args=(r, i)) for i, r in enumerate(writers)]
+    searchers = [threading.Thread(target=run, args=(searcher, 10 + i)) for i in range(3)]
+    for thread in threads + searchers:
         thread.start()
     for thread in threads:
+        thread.join()
+    writers_done.set()
+    for thread in searchers:
         thread.join()
     if errors:
         raise errors[0]
 
-    assert len(deleted_at) > 20 and len(searches) > 50  # the run really interleaved
+    assert len(deleted_at) == 2 * DELETES
+    last_search = max(ticket for ticket, _ in searches)
+    assert all(at < last_search for at in deleted_at.values())  # searches followed every delete
     leaked = [
         (item, start)
         for start, ids in searches

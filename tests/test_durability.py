@@ -27,7 +27,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from index.gallery import ITEMS_FILE, GalleryIndex
+from index.folder import ITEMS_FILE
+from index.gallery import GalleryIndex
 from models.bundle import Bundle
 from tests.servers import free_port, start_server
 

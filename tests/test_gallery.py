@@ -1,19 +1,27 @@
 """The gallery as a living collection: exact search, filters, adds and deletes, duplicates,
-durability of the SQLite store and recovery of the FAISS snapshot."""
+durability of the SQLite store, recovery of the FAISS snapshot, the index kind under a memory
+limit, and building one from a folder (with a stand-in for the model bundle)."""
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
+from app.stages import index_folder
+from index import kinds
 from index.errors import DuplicateExternalId, EmptyIndex, IndexMissing, ItemNotFound, ModelMismatch
 from index.gallery import GalleryIndex
 from index.snapshot import INFO_FILE
-from index.store import NewItem
+from index.store import ItemStore, NewItem
+from models.bundle import Encoded
 
 
 def unit_vectors(n: int, dim: int, seed: int) -> np.ndarray:
@@ -175,7 +183,7 @@ def test_a_bad_snapshot_is_rebuilt_loudly(
         (tmp_path / INFO_FILE).write_text(json.dumps({**info, "fingerprint": "zzz"}))
     else:
         (tmp_path / INFO_FILE).unlink()
-    with caplog.at_level(logging.WARNING, logger="index.gallery"):
+    with caplog.at_level(logging.WARNING, logger="index.recovery"):
         loaded = GalleryIndex.load(tmp_path, fingerprint="abc")
     assert "REBUILDING" in caplog.text
     assert len(loaded) == 200 and loaded.consistent()
@@ -204,3 +212,108 @@ def test_missing_old_and_empty_indexes(tmp_path: Path) -> None:
 def test_shapes_are_checked(gallery: GalleryIndex) -> None:
     with pytest.raises(ValueError, match=r"shape \(n, 16\)"):
         gallery.add(np.zeros((1, 8), np.float32), [NewItem("x")])
+    with pytest.raises(ValueError, match="not empty"):  # fill builds a new collection only
+        gallery.fill(VECTORS[:1], items(1))
+
+
+def flat_bytes(n: int, dim: int) -> int:
+    """What n embeddings of size dim take in a Flat index: the floats and an int64 id each."""
+    return n * (dim * 4 + 8)
+
+
+def test_a_memory_limit_below_flat_gives_ivf_pq(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    vectors = unit_vectors(1_000, 16, seed=7)
+    gallery = GalleryIndex.create(16, "abc", tmp_path / "idx")
+    gallery.add(vectors, items(1_000))
+    assert gallery.info()["index_type"] == "Flat"
+    gallery.limit_memory(flat_bytes(1_000, 16) // 2)
+    assert gallery.info()["index_type"] == "IVF16,PQ8np" and gallery.consistent()
+    assert gallery.info()["search_params"]["nprobe"] >= 1
+    found = [row[0].id for row in gallery.search(vectors[:50], 1)]
+    assert np.mean(np.array(found) == np.arange(1, 51)) >= 0.9  # each finds itself
+    with pytest.raises(ValueError, match="cannot hold"):
+        gallery.limit_memory(1_000)  # a byte per embedding: nothing fits, nothing recorded
+    gallery.close()
+    with caplog.at_level(logging.WARNING):
+        reloaded = GalleryIndex.load(tmp_path / "idx")  # the limit is kept with the collection
+    assert reloaded.info()["index_type"] == "IVF16,PQ8np" and "REBUILDING" not in caplog.text
+    reloaded.close()
+
+
+def test_too_few_to_train_codes_stay_flat_under_any_limit() -> None:
+    gallery = GalleryIndex.create(16, "abc", max_index_memory=1)
+    gallery.add(VECTORS, items(200))  # PQ needs 256 vectors to train its 256 centroids
+    assert gallery.info()["index_type"] == "Flat" and len(gallery) == 200
+
+
+class StubBundle:
+    """What index_folder needs of a model bundle; an embedding per file content, and files
+    that are not PNGs reported unreadable, as Bundle.encode(skip_unreadable=True) does."""
+
+    embedding_dim = 16
+    fingerprint = "stub"
+
+    def __init__(self) -> None:
+        self.encoded: list[list[Path]] = []
+
+    def encode(
+        self, inputs: Sequence[Path], batch_size: int, workers: int, skip_unreadable: bool
+    ) -> Encoded:
+        assert skip_unreadable
+        self.encoded.append(list(inputs))
+        rows, failed = [], []
+        for position, path in enumerate(inputs):
+            data = path.read_bytes()
+            if not data.startswith(b"\x89PNG"):
+                failed.append((position, "cannot identify image file"))
+                continue
+            seed = int.from_bytes(hashlib.sha256(data).digest()[:4], "little")
+            rows.append(unit_vectors(1, 16, seed)[0])
+        embeddings = np.array(rows, np.float32).reshape(-1, 16)
+        return Encoded(embeddings, np.zeros((len(rows), 2), np.float32), failed)
+
+
+def png(seed: int) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 255, (4, 4, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_index_folder_decodes_once_and_builds_the_final_kind_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    photos = tmp_path / "photos"
+    for seed in range(300):
+        (photos / ("a" if seed % 2 else "b")).mkdir(parents=True, exist_ok=True)
+        (photos / ("a" if seed % 2 else "b") / f"{seed}.png").write_bytes(png(seed))
+    (photos / "a" / "broken.png").write_bytes(b"not an image")
+    bundle = StubBundle()
+    tunings = []
+
+    def no_reading_back(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the new index was built by reading the embeddings back")
+
+    def counted(*args: object, **kwargs: object) -> dict:
+        tunings.append(args[0])
+        return tune_search(*args, **kwargs)
+
+    tune_search = kinds.tune_search
+    with monkeypatch.context() as patch, caplog.at_level(logging.WARNING, logger="app.stages"):
+        patch.setattr(ItemStore, "embeddings", no_reading_back)
+        patch.setattr(kinds, "tune_search", counted)
+        gallery = index_folder(
+            photos, bundle, tmp_path / "index", max_index_memory=flat_bytes(300, 16) // 2
+        )
+    assert len(bundle.encoded) == 1 and len(bundle.encoded[0]) == 301  # one decode pass
+    assert len(tunings) == 1  # one index built, of the final kind, tuned once
+    [warning] = [r.getMessage() for r in caplog.records if "unreadable" in r.getMessage()]
+    assert "skipping 1 unreadable image(s)" in warning and "broken.png (cannot identify" in warning
+    reopened = GalleryIndex.load(tmp_path / "index", "stub")
+    assert reopened.info()["index_type"].startswith("IVF") and len(reopened) == len(gallery) == 300
+    assert reopened.labels() == {"a": 150, "b": 150} and reopened.consistent()
+    reopened.close()
+    index_folder(photos, bundle, tmp_path / "index")  # nothing new: only the broken file again
+    assert [p.name for p in bundle.encoded[1]] == ["broken.png"]
