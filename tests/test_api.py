@@ -64,7 +64,9 @@ def test_classify(client: TestClient, shapes_dir: Path) -> None:
     body = client.post("/classify?top_k=3", files=upload(data)).json()
     scores = [p["score"] for p in body["predictions"]]
     assert len(scores) == 3 and scores == sorted(scores, reverse=True)
-    assert body["label"] == body["predictions"][0]["label"]
+    best = body["predictions"][0]
+    assert body["unknown"] == (body["threshold"] is not None and best["score"] < body["threshold"])
+    assert body["label"] == ("unknown" if body["unknown"] else best["label"])
     assert {p["label"] for p in body["predictions"]} <= {"circle", "square", "star", "triangle"}
 
 

@@ -119,6 +119,7 @@ def _batchnorm_means(net: torch.nn.Module) -> list[torch.Tensor]:
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("freeze_bn", [True, False])
 def test_batchnorm_statistics_stay_as_pretrained_when_frozen(
     shapes_dir: Path, tmp_path: Path, freeze_bn: bool
@@ -133,6 +134,7 @@ def test_batchnorm_statistics_stay_as_pretrained_when_frozen(
     assert unchanged == freeze_bn
 
 
+@pytest.mark.slow
 def test_the_probe_is_recorded_and_can_be_the_best_epoch(shapes_dir: Path, tmp_path: Path) -> None:
     from dataclasses import replace
 
@@ -141,6 +143,7 @@ def test_the_probe_is_recorded_and_can_be_the_best_epoch(shapes_dir: Path, tmp_p
     assert 0.0 <= bundle.config.extra["val_top1"] <= 1.0
 
 
+@pytest.mark.slow
 def test_each_image_is_decoded_once_per_run(
     shapes_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
