@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -18,6 +19,14 @@ from models.errors import ImgsimError
 from models.layout import BundleLayout
 
 log = logging.getLogger("imgsim")
+INIT_FROM_HELP = (
+    "start from this bundle's trunk (and projection) with DATA_DIR's classes; its backbone and "
+    "preprocessing are used, --weights is ignored"
+)
+EVAL_GALLERY_HELP = (
+    "gallery to search (default: BUNDLE/index when it exists, else leave-one-out over DATA_DIR's "
+    "images)"
+)
 DEMO_EPOCHS = 2  # the probe alone reaches 1.0 val top-1 on the shapes; see README
 
 DESCRIPTION = """\
@@ -63,11 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="imgsim", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _train_parser(commands)
-    _index_parser(commands)
-    _eval_parser(commands)
-    _serve_parser(commands)
-    _demo_parser(commands)
+    for name, (help, description, arguments, run) in COMMANDS.items():
+        command = commands.add_parser(name, help=help, description=description)
+        arguments(command)
+        command.set_defaults(run=run)
     return parser
 
 
@@ -75,25 +83,21 @@ def _common(parser: argparse.ArgumentParser, **defaults: object) -> None:
     add_options(parser, COMMON, **defaults)
 
 
-def _train_parser(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser(
-        "train",
-        help="fine-tune on a folder of class subfolders",
-        description="Fine-tune a backbone on DATA_DIR (one subfolder per "
-        "class, or train/ and val/ each with class subfolders) and save "
-        "the best epoch as a bundle.",
-    )
+def _path(
+    parser: argparse.ArgumentParser, flag: str, metavar: str, help: str, required: bool = False
+) -> None:
+    parser.add_argument(flag, type=Path, metavar=metavar, required=required, help=help)
+
+
+def _address(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="(default: %(default)s)")
+    parser.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
+
+
+def _train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("data_dir", type=Path, metavar="DATA_DIR")
-    parser.add_argument(
-        "--out", type=Path, required=True, metavar="BUNDLE", help="folder to write the bundle to"
-    )
-    parser.add_argument(
-        "--init-from",
-        type=Path,
-        metavar="BUNDLE",
-        help="start from this bundle's trunk (and projection) with DATA_DIR's classes; its "
-        "backbone and preprocessing are used, --weights is ignored",
-    )
+    _path(parser, "--out", "BUNDLE", "folder to write the bundle to", required=True)
+    _path(parser, "--init-from", "BUNDLE", INIT_FROM_HELP)
     parser.add_argument(
         "--resume",
         action="store_true",
@@ -102,7 +106,6 @@ def _train_parser(commands: argparse._SubParsersAction) -> None:
     )
     _common(parser)
     add_options(parser, TRAINING)
-    parser.set_defaults(run=_run_train)
 
 
 def _run_train(args: argparse.Namespace) -> None:
@@ -110,27 +113,16 @@ def _run_train(args: argparse.Namespace) -> None:
     from models.training import train
 
     init_from = str(args.init_from) if args.init_from else None
-    bundle = train(args.data_dir, args.out, config_from(args, init_from=init_from), args.resume)
+    config = config_from(args, init_from=init_from)
+    bundle = train(args.data_dir, args.out, config, resume=args.resume)
     if os.environ.get("RANK", "0") == "0":  # the other ranks' BatchNorm buffers differ slightly
         print(f"bundle written to {args.out} (model {bundle.fingerprint})")
 
 
-def _index_parser(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser(
-        "index",
-        help="embed a folder of images into a FAISS index",
-        description="Embed every image below GALLERY_DIR (labels from "
-        "its subfolders) into an index. Without --model, the backbone's "
-        "ImageNet model is used.",
-    )
+def _index_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("gallery_dir", type=Path, metavar="GALLERY_DIR")
-    parser.add_argument("--model", type=Path, metavar="BUNDLE", help="trained bundle folder")
-    parser.add_argument(
-        "--out",
-        type=Path,
-        metavar="DIR",
-        help="index folder (default: BUNDLE/index, or ./index-BACKBONE)",
-    )
+    _path(parser, "--model", "BUNDLE", "trained bundle folder")
+    _path(parser, "--out", "DIR", "index folder (default: BUNDLE/index, or ./index-BACKBONE)")
     add_options(parser, ("batch_size", "workers"))
     parser.add_argument(
         "--rebuild",
@@ -151,7 +143,6 @@ def _index_parser(commands: argparse._SubParsersAction) -> None:
         "collection (default: no limit)",
     )
     _common(parser)
-    parser.set_defaults(run=_run_index)
 
 
 def _run_index(args: argparse.Namespace) -> None:
@@ -162,13 +153,14 @@ def _run_index(args: argparse.Namespace) -> None:
         bundle = Bundle.load(args.model, args.device)
     else:
         bundle = Bundle.pretrained(args.backbone, args.weights, args.device)
-    out = args.out or (args.model / "index" if args.model else Path(f"index-{args.backbone}"))
+    default = BundleLayout(args.model).index if args.model else Path(f"index-{args.backbone}")
+    out = args.out or default
     gallery = index_folder(
         args.gallery_dir,
         bundle,
         out,
-        args.batch_size,
-        args.workers,
+        batch_size=args.batch_size,
+        workers=args.workers,
         rebuild=args.rebuild,
         factory=args.index_factory,
         max_index_memory=args.max_index_memory,
@@ -176,35 +168,18 @@ def _run_index(args: argparse.Namespace) -> None:
     print(f"indexed {len(gallery)} images into {out} (model {bundle.fingerprint})")
 
 
-def _eval_parser(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser(
-        "eval",
-        help="evaluate a bundle on held-out class folders",
-        description="Classify and search every image below DATA_DIR (one subfolder per class, "
-        "images the model did not train on) and write report.json and report.html: top-1/top-5, "
-        "per-class precision/recall/F1, confusion matrix, Recall@1/5/10, MAP@R, kNN-vote "
-        "accuracy, the 'unknown' threshold, and the training curves.",
-    )
+def _eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("data_dir", type=Path, metavar="DATA_DIR")
-    parser.add_argument("--model", type=Path, required=True, metavar="BUNDLE")
-    parser.add_argument(
-        "--index",
-        type=Path,
-        metavar="DIR",
-        help="gallery to search (default: BUNDLE/index when it exists, else leave-one-out over "
-        "DATA_DIR's images)",
-    )
+    _path(parser, "--model", "BUNDLE", "trained bundle folder", required=True)
+    _path(parser, "--index", "DIR", EVAL_GALLERY_HELP)
     parser.add_argument(
         "--no-index", action="store_true", help="use DATA_DIR's images as gallery (leave-one-out)"
     )
-    parser.add_argument(
-        "--out", type=Path, metavar="DIR", help="report folder (default: BUNDLE/eval)"
-    )
+    _path(parser, "--out", "DIR", "report folder (default: BUNDLE/eval)")
     parser.add_argument(
         "--knn-k", type=positive, default=5, help="neighbours in the vote (default: %(default)s)"
     )
     add_options(parser, ("target_precision", "batch_size", "workers", "device"))
-    parser.set_defaults(run=_run_eval)
 
 
 def _run_eval(args: argparse.Namespace) -> None:
@@ -235,25 +210,11 @@ def _shown(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
 
 
-def _serve_parser(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser(
-        "serve",
-        help="serve /classify and /similar over HTTP",
-        description="Serve a bundle and its index. Without --model, "
-        "serves the backbone's ImageNet classes, and /similar over "
-        "--index if given (built with the same backbone).",
-    )
-    parser.add_argument("--model", type=Path, metavar="BUNDLE", help="trained bundle folder")
-    parser.add_argument(
-        "--index",
-        type=Path,
-        metavar="DIR",
-        help="index folder (default: BUNDLE/index when it exists)",
-    )
-    parser.add_argument("--host", default="127.0.0.1", help="(default: %(default)s)")
-    parser.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
+def _serve_arguments(parser: argparse.ArgumentParser) -> None:
+    _path(parser, "--model", "BUNDLE", "trained bundle folder")
+    _path(parser, "--index", "DIR", "index folder (default: BUNDLE/index when it exists)")
+    _address(parser)
     _common(parser)
-    parser.set_defaults(run=_run_serve)
 
 
 def _run_serve(args: argparse.Namespace) -> None:
@@ -270,30 +231,67 @@ def _run_serve(args: argparse.Namespace) -> None:
     serve(settings, args.host, args.port)
 
 
-def _demo_parser(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser(
-        "demo",
-        help="the built-in default: sample data, train, serve",
-        description="Generate a small dataset of shapes, fine-tune briefly, index it and serve it.",
-    )
+def _demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--workdir",
         type=Path,
         default=Path("imgsim-demo"),
         help="where data and bundle go (default: %(default)s)",
     )
-    parser.add_argument("--host", default="127.0.0.1", help="(default: %(default)s)")
-    parser.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
+    _address(parser)
     parser.add_argument("--no-serve", action="store_true", help="stop after indexing")
     _common(parser, backbone=INSTALLED_BACKBONE)
     add_options(parser, TRAINING, epochs=DEMO_EPOCHS)
-    parser.set_defaults(run=_run_demo)
 
 
 def _run_demo(args: argparse.Namespace) -> None:
     from app.stages import demo
 
     demo(args.workdir, config_from(args), args.host, args.port, serve_it=not args.no_serve)
+
+
+# name -> (help, description, how to add its arguments, what runs it)
+COMMANDS: dict[str, tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable]] = {
+    "train": (
+        "fine-tune on a folder of class subfolders",
+        "Fine-tune a backbone on DATA_DIR (one subfolder per "
+        "class, or train/ and val/ each with class subfolders) and save "
+        "the best epoch as a bundle.",
+        _train_arguments,
+        _run_train,
+    ),
+    "index": (
+        "embed a folder of images into a FAISS index",
+        "Embed every image below GALLERY_DIR (labels from "
+        "its subfolders) into an index. Without --model, the backbone's "
+        "ImageNet model is used.",
+        _index_arguments,
+        _run_index,
+    ),
+    "eval": (
+        "evaluate a bundle on held-out class folders",
+        "Classify and search every image below DATA_DIR (one subfolder per class, "
+        "images the model did not train on) and write report.json and report.html: top-1/top-5, "
+        "per-class precision/recall/F1, confusion matrix, Recall@1/5/10, MAP@R, kNN-vote "
+        "accuracy, the 'unknown' threshold, and the training curves.",
+        _eval_arguments,
+        _run_eval,
+    ),
+    "serve": (
+        "serve /classify and /similar over HTTP",
+        "Serve a bundle and its index. Without --model, "
+        "serves the backbone's ImageNet classes, and /similar over "
+        "--index if given (built with the same backbone).",
+        _serve_arguments,
+        _run_serve,
+    ),
+    "demo": (
+        "the built-in default: sample data, train, serve",
+        "Generate a small dataset of shapes, fine-tune briefly, index it and serve it.",
+        _demo_arguments,
+        _run_demo,
+    ),
+}
 
 
 if __name__ == "__main__":  # python -m app.cli, e.g. under torchrun

@@ -43,6 +43,7 @@ def index_folder(
     gallery_dir: Path,
     bundle: Bundle,
     out_dir: Path,
+    *,
     batch_size: int = BATCH_SIZE,
     workers: int = WORKERS,
     rebuild: bool = False,

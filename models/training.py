@@ -28,6 +28,7 @@ from models.network import EmbeddingNet, build_net
 from models.trainer import Loaders, Trainer
 
 log = logging.getLogger(__name__)
+Hook = Callable[[int], None] | None  # called with the epoch number after its checkpoint
 
 
 def train(
@@ -35,7 +36,7 @@ def train(
     out_dir: Path,
     config: TrainConfig,
     resume: bool = False,
-    on_epoch_end: Callable[[int], None] | None = None,
+    on_epoch_end: Hook = None,
 ) -> Bundle:
     """Fine-tune on DATA_DIR's class folders and save the best epoch's bundle to out_dir.
 
@@ -51,12 +52,7 @@ def train(
 
 
 def _train(
-    data_dir: Path,
-    out_dir: Path,
-    config: TrainConfig,
-    cluster: Cluster,
-    resume: bool,
-    on_epoch_end: Callable[[int], None] | None,
+    data_dir: Path, out_dir: Path, config: TrainConfig, cluster: Cluster, resume: bool, hook: Hook
 ) -> Bundle:
     seed_everything(config.seed)
     classes, train_set, val_set = load_splits(data_dir, config.val_fraction, config.seed)
@@ -77,7 +73,7 @@ def _train(
         )
         if resume:
             run.restore(layout.checkpoint)
-        history = run.fit(out_dir, on_epoch_end)
+        history = run.fit(out_dir, hook)
     finally:
         if cache is not None:
             shutil.rmtree(cache, ignore_errors=True)
