@@ -32,20 +32,16 @@ Hook = Callable[[int], None] | None  # called with the epoch number after its ch
 
 
 def train(
-    data_dir: Path,
-    out_dir: Path,
-    config: TrainConfig,
-    resume: bool = False,
-    on_epoch_end: Hook = None,
+    data: Path, out_dir: Path, config: TrainConfig, resume: bool = False, on_epoch_end: Hook = None
 ) -> Bundle:
-    """Fine-tune on DATA_DIR's class folders and save the best epoch's bundle to out_dir.
+    """Fine-tune on the class folders of `data` and save the best epoch's bundle to out_dir.
 
     resume=True continues from out_dir's checkpoint if there is one. on_epoch_end(epoch) is
     called after each epoch's checkpoint is written.
     """
     cluster = start_cluster(config.device)
     try:
-        return _train(data_dir, out_dir, config, cluster, resume, on_epoch_end)
+        return _train(data, out_dir, config, cluster, resume, on_epoch_end)
     finally:
         if cluster.world > 1:
             dist.destroy_process_group()
