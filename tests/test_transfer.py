@@ -3,6 +3,7 @@ encode path for every stage, LP-FT with frozen BatchNorm, and decoding once per 
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -176,3 +177,28 @@ def test_demo_reaches_its_accuracy_and_answers_its_example(
     example = sorted((tmp_path / "data" / "star").glob("*.png"))[0]
     probabilities, _ = bundle.classify(example.read_bytes())  # as uploaded
     assert bundle.config.classes[int(probabilities[0].argmax())] == "star"
+
+
+@pytest.mark.slow
+def test_a_huge_drawing_is_indexed_and_a_bomb_is_skipped(
+    tmp_path: Path, trained_bundle_dir: Path, shapes_dir: Path
+) -> None:
+    """A few-MB PNG declaring 200 Mpx (over the 40 Mpx decoded whole) is indexed, at the
+    size the model needs; one declaring 2.5 Gpx is skipped with the reason, not decoded."""
+    from index.gallery import GalleryIndex
+    from tests.pngstream import write_large_png
+
+    folder = tmp_path / "drawings" / "star"
+    folder.mkdir(parents=True)
+    (folder / "star.png").write_bytes((shapes_dir / "star" / "star_000.png").read_bytes())
+    write_large_png(folder / "huge.png", 20_000, 10_000, rect=(5_000, 2_000, 15_000, 8_000))
+    write_large_png(folder / "bomb.png", 50_000, 50_000, rows=2)
+    bundle = Bundle.load(trained_bundle_dir, "cpu")
+    index_folder(tmp_path / "drawings", bundle, tmp_path / "index", workers=0)
+    gallery = GalleryIndex.load(tmp_path / "index", bundle.fingerprint)
+    try:
+        assert gallery.labels() == {"star": 2}  # star.png and huge.png; not bomb.png
+        huge = hashlib.sha256((folder / "huge.png").read_bytes()).hexdigest()
+        assert huge in gallery.known_contents()
+    finally:
+        gallery.close()
