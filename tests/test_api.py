@@ -7,7 +7,6 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
@@ -17,6 +16,7 @@ from app.settings import Settings
 from app.stages import index_folder
 from index.gallery import GalleryIndex
 from models.bundle import Bundle
+from tests.synthetic import noise_png
 
 
 @pytest.fixture(scope="module")
@@ -34,13 +34,6 @@ def client(indexed_bundle: Path) -> Iterator[TestClient]:
     )
     with TestClient(create_app(settings)) as client:
         yield client
-
-
-def png(size: tuple[int, int] = (64, 64), seed: int = 0) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 255, (*size[::-1], 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, "PNG")
-    return buffer.getvalue()
 
 
 def solid_png(size: tuple[int, int]) -> bytes:
@@ -104,7 +97,7 @@ def test_similar_leaves_out_the_query_itself_and_filters_by_label(
     [
         (b"", 422, "empty"),
         (b"%PDF-1.4 not an image", 422, "not an image"),
-        (png()[:300], 422, "truncated"),
+        (noise_png(0, 64)[:300], 422, "truncated"),
         (solid_png((1100, 1000)), 413, "pixels"),
         (b"\0" * 200_001, 413, "larger than the limit"),
     ],
@@ -121,7 +114,7 @@ def test_bad_uploads_get_a_clear_4xx(
 def test_missing_file_and_bad_parameters(client: TestClient) -> None:
     response = client.post("/similar")
     assert response.status_code == 422 and "file" in response.json()["detail"]
-    response = client.post("/classify?top_k=0", files=upload(png()))
+    response = client.post("/classify?top_k=0", files=upload(noise_png(0, 64)))
     assert response.status_code == 422 and "top_k" in response.json()["detail"]
 
 
@@ -130,7 +123,7 @@ def test_similar_without_an_index_is_503(trained_bundle_dir: Path, tmp_path: Pat
         shutil.copy(trained_bundle_dir / name, tmp_path / name)
     with TestClient(create_app(Settings(bundle_dir=tmp_path, device="cpu"))) as client:
         assert client.get("/health").json()["index_size"] is None
-        response = client.post("/similar", files=upload(png()))
+        response = client.post("/similar", files=upload(noise_png(0, 64)))
     assert response.status_code == 503 and "imgsim index" in response.json()["detail"]
 
 

@@ -12,7 +12,6 @@ window of a fifth of the cycle 74% of the time, and benchmarks/crash_recovery.py
 
 from __future__ import annotations
 
-import io
 import os
 import random
 import signal
@@ -23,24 +22,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
-from PIL import Image
 
 from index.folder import ITEMS_FILE
 from index.gallery import GalleryIndex
 from models.bundle import Bundle
 from tests.servers import free_port, start_server
+from tests.synthetic import noise_png
 
 ROUNDS = 6
 SNAPSHOT_OFTEN = {"IMGSIM_SNAPSHOT_EVERY": "5"}
-
-
-def png(seed: int) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 255, (24, 24, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, "PNG")
-    return buffer.getvalue()
 
 
 def write_until_killed(
@@ -56,7 +47,7 @@ def write_until_killed(
 def post_until_killed(url: str, seeds: Iterator[int], acknowledged: dict[int, str]) -> None:
     with httpx.Client(base_url=url, timeout=30) as client:
         while True:
-            blobs = [png(next(seeds)) for _ in range(random.randint(1, 2))]
+            blobs = [noise_png(next(seeds), 24) for _ in range(random.randint(1, 2))]
             files = [("files", (f"{i}.png", b, "image/png")) for i, b in enumerate(blobs)]
             try:
                 response = client.post("/images", files=files)

@@ -5,7 +5,6 @@ limit, and building one from a folder (with a stand-in for the model bundle)."""
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 from collections.abc import Sequence
@@ -13,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from app.stages import index_folder
 from index import kinds
@@ -22,6 +20,7 @@ from index.gallery import GalleryIndex
 from index.snapshot import INFO_FILE
 from index.store import ItemStore, NewItem
 from models.bundle import Encoded
+from tests.synthetic import noise_png
 
 
 def unit_vectors(n: int, dim: int, seed: int) -> np.ndarray:
@@ -275,20 +274,13 @@ class StubBundle:
         return Encoded(embeddings, np.zeros((len(rows), 2), np.float32), failed)
 
 
-def png(seed: int) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 255, (4, 4, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
 def test_index_folder_decodes_once_and_builds_the_final_kind_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     photos = tmp_path / "photos"
     for seed in range(300):
         (photos / ("a" if seed % 2 else "b")).mkdir(parents=True, exist_ok=True)
-        (photos / ("a" if seed % 2 else "b") / f"{seed}.png").write_bytes(png(seed))
+        (photos / ("a" if seed % 2 else "b") / f"{seed}.png").write_bytes(noise_png(seed, 4))
     (photos / "a" / "broken.png").write_bytes(b"not an image")
     bundle = StubBundle()
     tunings = []

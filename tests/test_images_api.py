@@ -7,7 +7,6 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
@@ -16,6 +15,7 @@ from app.main import create_app
 from app.settings import Settings
 from app.stages import index_folder
 from models.bundle import Bundle
+from tests.synthetic import noise_png
 
 pytestmark = pytest.mark.slow  # trains the session bundle
 
@@ -38,13 +38,6 @@ def settings(trained_bundle_dir: Path, shapes_dir: Path, tmp_path_factory) -> Se
 def client(settings: Settings) -> Iterator[TestClient]:
     with TestClient(create_app(settings)) as client:
         yield client
-
-
-def noise_png(seed: int, size: int = 48) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 255, (size, size, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, "PNG")
-    return buffer.getvalue()
 
 
 def reencoded(data: bytes) -> bytes:
