@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import errno
+import logging
+import re
+import uuid
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from index.errors import (
     DuplicateExternalId,
@@ -16,6 +23,8 @@ from index.errors import (
     ModelMismatch,
 )
 from models.errors import ImageTooLarge, ImgsimError, UnsupportedImage
+
+log = logging.getLogger(__name__)
 
 
 class UploadTooLarge(ImgsimError):
@@ -50,8 +59,12 @@ def status_of(error: Exception) -> int:
     return next((code for kind, code in STATUS if isinstance(error, kind)), 400)
 
 
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
 def install(app: FastAPI) -> None:
-    """Answer every domain error with its status and {"detail": message}."""
+    """Answer every domain error with its status and {"detail": message}, a full disk with 507,
+    and anything unexpected with a logged JSON 500 that names the request id."""
 
     async def handle(request: Request, error: Exception) -> JSONResponse:
         return JSONResponse(status_code=status_of(error), content={"detail": str(error)})
@@ -63,6 +76,63 @@ def install(app: FastAPI) -> None:
         )
         return JSONResponse(status_code=422, content={"detail": f"invalid request: {problems}"})
 
+    async def os_error(request: Request, error: Exception) -> JSONResponse:
+        if isinstance(error, OSError) and error.errno in DISK_FULL:
+            log.error("disk full while answering %s %s: %s", request.method, request.url, error)
+            return JSONResponse(
+                status_code=507,
+                content={
+                    "detail": "the server's disk is full, so nothing was stored; "
+                    "try again once the operator has freed space"
+                },
+            )
+        raise error  # not ours to explain: the catch-all answers 500
+
     app.add_exception_handler(ImgsimError, handle)
     app.add_exception_handler(IndexProblem, handle)
     app.add_exception_handler(RequestValidationError, invalid_request)
+    app.add_exception_handler(OSError, os_error)
+    app.add_middleware(CatchAll)
+
+
+REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+class CatchAll:
+    """ASGI middleware: every answer carries an X-Request-ID (the client's, when it sent a
+    plausible one), and an unexpected exception becomes a JSON 500 naming that id, logged with
+    its traceback. The exception stops here, so the server keeps the connection open."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        request_id = given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                MutableHeaders(scope=message)["X-Request-ID"] = request_id
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            log.exception("request %s (%s %s) failed", request_id, scope["method"], scope["path"])
+            if started:
+                raise  # the answer is half sent: only closing the connection is left
+            answer = JSONResponse(
+                status_code=500,
+                content={
+                    "detail": f"internal error; quote request id {request_id} to the operator",
+                    "request_id": request_id,
+                },
+                headers={"X-Request-ID": request_id},
+            )
+            await answer(scope, receive, send)

@@ -23,7 +23,14 @@ class Settings(BaseSettings):
     backbone: str = DEFAULT_BACKBONE
     weights: str = "imagenet"
     device: str = "auto"
-    max_upload_bytes: int = Field(20 * 1024 * 1024, gt=0)
+    max_upload_bytes: int = Field(20 * 1024 * 1024, gt=0, description="bytes of one image")
+    max_request_bytes: int = Field(
+        64 * 1024 * 1024, gt=0, description="bytes of a whole request body, checked before reading"
+    )
+    max_files: int = Field(32, gt=0, description="images in one POST /images")
+    body_timeout: float = Field(
+        30.0, gt=0, description="seconds a client may stall while sending a request body"
+    )
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, gt=0)
     duplicate_threshold: float = Field(
         0.97, ge=-1.0, le=1.0, description="POST /images flags a stored image scoring this or more"

@@ -29,7 +29,7 @@ router = APIRouter()
 
 K = Annotated[int, Query(ge=1, le=100)]
 LabelFilter = Annotated[str | None, Query(description="only images with this label", min_length=1)]
-ItemId = Annotated[int, Path(description="the image's id")]
+ItemId = Annotated[int, Path(description="the image's id", ge=0, le=2**63 - 1)]
 NO_INDEX = "no index is loaded: build one with 'imgsim index GALLERY_DIR' and restart"
 
 
