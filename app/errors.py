@@ -15,7 +15,7 @@ from index.errors import (
     ItemNotFound,
     ModelMismatch,
 )
-from models.errors import ImageTooLarge, ImgsimError, UnsupportedImage
+from models.errors import ImageTooLarge, ImgsimError, UnsupportedFormat, UnsupportedImage
 
 
 class UploadTooLarge(ImgsimError):
@@ -33,6 +33,7 @@ class InvalidRequest(ImgsimError):
 STATUS: list[tuple[type[Exception], int]] = [  # first match wins: subclasses before bases
     (UploadTooLarge, 413),
     (ImageTooLarge, 413),
+    (UnsupportedFormat, 415),
     (UnsupportedImage, 422),
     (InvalidRequest, 422),
     (NoIndex, 503),
