@@ -12,6 +12,7 @@ from index.errors import (
     IndexCorrupt,
     IndexMissing,
     IndexProblem,
+    InsufficientStorage,
     ItemNotFound,
     ModelMismatch,
 )
@@ -39,6 +40,7 @@ STATUS: list[tuple[type[Exception], int]] = [  # first match wins: subclasses be
     (NoIndex, 503),
     (IndexMissing, 503),
     (IndexCorrupt, 503),
+    (InsufficientStorage, 507),
     (ItemNotFound, 404),
     (DuplicateExternalId, 409),
     (EmptyIndex, 409),
