@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import math
+import struct
 import warnings
 from pathlib import Path
 
@@ -102,14 +103,21 @@ def format_of(source: Path | bytes) -> str | None:
     """The name of the image format the file's first bytes announce, as Pillow's plugins
     recognise it (their prefix checks only: no plugin opens the file); None if none does."""
     try:
-        prefix = source[:16] if isinstance(source, bytes) else source.open("rb").read(16)
+        if isinstance(source, bytes):
+            prefix = source[:16]
+        else:
+            with source.open("rb") as file:
+                prefix = file.read(16)
     except OSError:
         return None
     Image.init()
     for name in Image.ID:
         accept = Image.OPEN[name][1]
-        if accept is not None and accept(prefix):
-            return name
+        try:
+            if accept is not None and accept(prefix):
+                return name
+        except (IndexError, struct.error, ValueError):  # some checks assume enough bytes
+            continue
     return None
 
 
