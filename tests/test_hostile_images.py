@@ -183,3 +183,41 @@ def test_extreme_aspect_ratio_is_422_saying_the_limit(
     assert response.status_code == 422
     assert "1x40000000 pixels" in response.json()["detail"]
     assert f"limit is {MAX_ASPECT_RATIO}:1" in response.json()["detail"]
+
+
+@pytest.mark.slow
+def test_reproductions_cost_bounded_memory_in_a_server(
+    trained_bundle_dir: Path, hostile: dict[str, Path], tmp_path: Path
+) -> None:
+    """The issue's measurement: the server's own peak RSS while it answers each file."""
+    import httpx
+
+    from index.gallery import GalleryIndex
+    from models.bundle import Bundle
+    from tests.servers import free_port, start_server
+
+    bundle = Bundle.load(trained_bundle_dir, "cpu")
+    GalleryIndex.create(bundle.embedding_dim, bundle.fingerprint, tmp_path / "index").close()
+    port = free_port()
+    server = start_server(trained_bundle_dir, tmp_path / "index", port)
+    status = Path(f"/proc/{server.pid}/status")
+
+    def peak_kb() -> int:
+        line = next(line for line in status.read_text().splitlines() if line.startswith("VmHWM"))
+        return int(line.split()[1])
+
+    try:
+        expected = {"wide.png": 422, "square.jpg": 200, "progressive.jpg": 413, "tall.png": 422}
+        for name, code in expected.items():
+            Path(f"/proc/{server.pid}/clear_refs").write_text("5")  # peak := current RSS
+            before = peak_kb()
+            response = httpx.post(
+                f"http://127.0.0.1:{port}/classify",
+                files={"file": (name, hostile[name].read_bytes())},
+                timeout=60,
+            )
+            assert response.status_code == code, response.text
+            assert (peak_kb() - before) // 1024 < EXTRA_RSS_LIMIT_MB, name
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
