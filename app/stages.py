@@ -84,14 +84,14 @@ def index_folder(
     unreadable = dict(encoded.failed)
     problems = skipped + [(new[i][0], why) for i, why in unreadable.items()]
     if problems:
-        log.warning("skipping %d file(s): %s", len(problems), listing(problems))
+        log.warning("skipping %d unreadable file(s): %s", len(problems), listing(problems))
     readable = [pair for i, pair in enumerate(new) if i not in unreadable]
-    if new and not readable:
+    if not readable and len(new) == len(paths):  # not one image of the folder is indexed
         gallery.close()
         if target != out_dir:
             shutil.rmtree(target, ignore_errors=True)
         raise DatasetError(
-            f"none of the {len(new)} new image files below {gallery_dir} could be indexed: "
+            f"none of the {len(new)} image files below {gallery_dir} could be indexed: "
             f"{listing(problems)}. Replace or remove them and run 'imgsim index' again."
         )
     # Label by the path as found (a symlink may point outside the gallery); store it resolved.

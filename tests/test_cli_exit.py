@@ -48,22 +48,26 @@ def test_nothing_indexed_exits_non_zero_in_one_paragraph(
     assert index(tmp_path / "gallery", bundle_dir, tmp_path / "out") == 2
     out, err = capsys.readouterr()
     text = " ".join(err.split())
-    assert "none of the 3 new image files" in text and "could be indexed" in text
+    assert "none of the 3 image files" in text and "could be indexed" in text
     assert all(name in text for name in names) and "Traceback" not in err
     assert "indexed 0 images" not in out
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.building-*"))
 
 
-def test_nothing_new_indexed_into_an_existing_index_exits_non_zero(
-    bundle_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+def test_a_bad_new_file_beside_indexed_ones_is_a_warning_not_a_failure(
+    bundle_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     (tmp_path / "gallery" / "a").mkdir(parents=True)
     (tmp_path / "gallery" / "a" / "good.png").write_bytes(noise_png(2))
     assert index(tmp_path / "gallery", bundle_dir, tmp_path / "out") == 0
     assert index(tmp_path / "gallery", bundle_dir, tmp_path / "out") == 0  # nothing new: fine
     (tmp_path / "gallery" / "a" / "bad.png").write_bytes(b"broken")
-    assert index(tmp_path / "gallery", bundle_dir, tmp_path / "out") == 2
-    assert "none of the 1 new image files" in " ".join(capsys.readouterr().err.split())
+    with caplog.at_level(logging.WARNING):
+        assert index(tmp_path / "gallery", bundle_dir, tmp_path / "out") == 0
+    assert "skipping 1 unreadable file(s)" in caplog.text and "bad.png" in caplog.text
     fingerprint = Bundle.load(bundle_dir, "cpu").fingerprint
     gallery = GalleryIndex.load(tmp_path / "out", fingerprint)
     assert len(gallery) == 1  # left as it was
@@ -98,7 +102,10 @@ def test_links_and_special_files_are_listed_in_the_warning(
         assert index(tmp_path / "gallery", bundle_dir, tmp_path / "out") == 0
     assert "indexed 1 images" in capsys.readouterr().out
     [warning] = [r.getMessage() for r in caplog.records if "skipping" in r.getMessage()]
-    assert "skipping 5 file(s)" in warning and "bad.png (the file is not an image" in warning
+    assert (
+        "skipping 5 unreadable file(s)" in warning
+        and "bad.png (the file is not an image" in warning
+    )
     for name, why in expected.items():
         assert f"{name} ({why}" in warning
 
