@@ -86,7 +86,7 @@ def load_image(
         raise ImageTooLarge(f"the image is too large to decode safely ({err})") from err
     except UnidentifiedImageError as err:
         other = format_of(source)
-        if other is not None:
+        if other is not None and other not in ACCEPTED_FORMATS:  # not a broken file of ours
             raise UnsupportedFormat(
                 f"{other} images are not accepted; send {READABLE_FORMATS}"
             ) from err

@@ -14,7 +14,12 @@ from PIL import Image
 
 from app.main import create_app
 from app.settings import Settings
-from models.errors import AspectRatioTooLarge, ImageTooLarge, UnsupportedFormat
+from models.errors import (
+    AspectRatioTooLarge,
+    ImageTooLarge,
+    UnsupportedFormat,
+    UnsupportedImage,
+)
 from models.images import MAX_ASPECT_RATIO, load_image
 from tests.pngstream import write_large_png
 
@@ -150,6 +155,13 @@ def test_other_formats_are_refused_before_a_plugin_opens_them(
     monkeypatch.setitem(Image.OPEN, fmt, (opened, Image.OPEN[fmt][1]))
     with pytest.raises(UnsupportedFormat, match=f"{fmt} images are not accepted; send JPEG, PNG"):
         load_image(REFUSED[fmt])
+
+
+@pytest.mark.parametrize("data", [b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF89a"])
+def test_a_broken_file_of_an_accepted_format_is_not_called_unsupported(data: bytes) -> None:
+    with pytest.raises(UnsupportedImage, match="not an image we can read") as caught:
+        load_image(data)
+    assert not isinstance(caught.value, UnsupportedFormat)
 
 
 @pytest.fixture(scope="module")
