@@ -37,6 +37,7 @@ collection with FAISS, and serve POST /classify and POST /similar.
   imgsim index  GALLERY_DIR --model BUNDLE  embed a folder into an index (default BUNDLE/index)
   imgsim eval   DATA_DIR --model BUNDLE     report on held-out class folders (BUNDLE/eval)
   imgsim serve  --model BUNDLE              serve it on http://127.0.0.1:8000 (docs at /docs)
+  imgsim backup INDEX_DIR DEST              copy an index consistently, even while served
   imgsim demo                               sample data -> train -> index -> serve
 """
 
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader logs every import
     try:
         args.run(args)
-    except (ImgsimError, IndexProblem, ValueError, ValidationError) as err:
+    except (ImgsimError, IndexProblem, ValueError, ValidationError, FileExistsError) as err:
         print(_paragraph(f"imgsim {args.command}: {_message(err)}"), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -231,6 +232,18 @@ def _run_serve(args: argparse.Namespace) -> None:
     serve(settings, args.host, args.port)
 
 
+def _backup_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("index_dir", type=Path, metavar="INDEX_DIR")
+    parser.add_argument("dest", type=Path, metavar="DEST", help="new folder for the copy")
+
+
+def _run_backup(args: argparse.Namespace) -> None:
+    from index.backup import backup_collection
+
+    count = backup_collection(args.index_dir, args.dest)
+    print(f"backed up {count} items of {args.index_dir} to {args.dest}")
+
+
 def _demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--workdir",
@@ -284,6 +297,14 @@ COMMANDS: dict[str, tuple[str, str, Callable[[argparse.ArgumentParser], None], C
         "--index if given (built with the same backbone).",
         _serve_arguments,
         _run_serve,
+    ),
+    "backup": (
+        "copy an index folder consistently, even while it is served",
+        "Copy INDEX_DIR (items, FAISS snapshot, kept images) to the new folder DEST with "
+        "SQLite's online backup, safe while 'imgsim serve' writes to it. To restore, stop the "
+        "server and put DEST in place of INDEX_DIR.",
+        _backup_arguments,
+        _run_backup,
     ),
     "demo": (
         "the built-in default: sample data, train, serve",

@@ -19,10 +19,11 @@ from index.errors import (
     IndexCorrupt,
     IndexMissing,
     IndexProblem,
+    InsufficientStorage,
     ItemNotFound,
     ModelMismatch,
 )
-from models.errors import ImageTooLarge, ImgsimError, UnsupportedImage
+from models.errors import ImageTooLarge, ImgsimError, UnsupportedFormat, UnsupportedImage
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +43,13 @@ class InvalidRequest(ImgsimError):
 STATUS: list[tuple[type[Exception], int]] = [  # first match wins: subclasses before bases
     (UploadTooLarge, 413),
     (ImageTooLarge, 413),
+    (UnsupportedFormat, 415),
     (UnsupportedImage, 422),
     (InvalidRequest, 422),
     (NoIndex, 503),
     (IndexMissing, 503),
     (IndexCorrupt, 503),
+    (InsufficientStorage, 507),
     (ItemNotFound, 404),
     (DuplicateExternalId, 409),
     (EmptyIndex, 409),

@@ -61,6 +61,7 @@ def load_service(settings: Settings) -> Service:
             bundle.fingerprint,
             factory=settings.index_factory,
             snapshot_every=settings.snapshot_every,
+            thorough_check=settings.thorough_index_check,
         )
     log.info(
         "serving %s (%s, %d classes) on %s; index: %s",

@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     snapshot_every: int = Field(
         1000, gt=0, description="snapshot the index after this many changes"
     )
+    thorough_index_check: bool = Field(
+        False, description="at start, SQLite's integrity_check of the index instead of quick_check"
+    )
 
     @field_validator("bundle_dir")
     @classmethod

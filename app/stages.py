@@ -22,7 +22,7 @@ from index.gallery import GalleryIndex
 from index.store import NewItem
 from models.bundle import Bundle
 from models.config import BATCH_SIZE, TARGET_PRECISION, WORKERS
-from models.data import find_images, label_of
+from models.data import label_of, listing, scan_images
 from models.errors import DatasetError
 from models.evaluation import (
     Neighbours,
@@ -55,11 +55,12 @@ def index_folder(
     another model, or with rebuild. Each file is read once to hash it and decoded once to
     embed it. max_index_memory (bytes, kept with the collection) makes the chosen index kind
     IVF-PQ where Flat or HNSW would need more."""
-    paths = find_images(gallery_dir) if gallery_dir.is_dir() else []
+    paths, skipped = scan_images(gallery_dir) if gallery_dir.is_dir() else ([], [])
     if not paths:
         raise DatasetError(
-            f"{gallery_dir} holds no images (.jpg, .png, .webp, ...); "
-            "pass the folder of images to index."
+            f"{gallery_dir} holds no image files (.jpg, .png, .webp, ...)"
+            + (f"; skipped: {listing(skipped)}" if skipped else "")
+            + ". Pass the folder of images to index."
         )
     target = out_dir
     gallery = None if rebuild else _open_for_update(out_dir, bundle, factory, max_index_memory)
@@ -81,10 +82,18 @@ def index_folder(
     )
     encoded = bundle.encode([path for path, _ in new], batch_size, workers, skip_unreadable=True)
     unreadable = dict(encoded.failed)
-    if unreadable:
-        listing = "; ".join(f"{new[i][0]} ({why})" for i, why in unreadable.items())
-        log.warning("skipping %d unreadable image(s): %s", len(unreadable), listing)
+    problems = skipped + [(new[i][0], why) for i, why in unreadable.items()]
+    if problems:
+        log.warning("skipping %d unreadable file(s): %s", len(problems), listing(problems))
     readable = [pair for i, pair in enumerate(new) if i not in unreadable]
+    if not readable and len(new) == len(paths):  # not one image of the folder is indexed
+        gallery.close()
+        if target != out_dir:
+            shutil.rmtree(target, ignore_errors=True)
+        raise DatasetError(
+            f"none of the {len(new)} image files below {gallery_dir} could be indexed: "
+            f"{listing(problems)}. Replace or remove them and run 'imgsim index' again."
+        )
     # Label by the path as found (a symlink may point outside the gallery); store it resolved.
     items = [NewItem(str(p.resolve()), label_of(p, gallery_dir), sha256=s) for p, s in readable]
     if target != out_dir:  # a new index: built once, as the kind for its final size

@@ -17,6 +17,7 @@ import uuid
 from pathlib import Path
 
 from index.errors import IndexMissing
+from index.integrity import check_items_file
 from index.store import ItemStore
 
 ITEMS_FILE = "items.sqlite"
@@ -33,8 +34,9 @@ def new_store(directory: Path | None) -> ItemStore:
     return ItemStore(directory / ITEMS_FILE)
 
 
-def existing_store(directory: Path) -> ItemStore:
-    """The item store of the collection in this folder; IndexMissing, saying why, if none."""
+def existing_store(directory: Path, thorough_check: bool = False) -> ItemStore:
+    """The item store of the collection in this folder, checked (see index/integrity.py);
+    IndexMissing, saying why, if there is none, IndexCorrupt if it is not whole."""
     if not (directory / ITEMS_FILE).is_file():
         hint = (
             " (it is in the old format, which cannot be updated)"
@@ -45,6 +47,7 @@ def existing_store(directory: Path) -> ItemStore:
             f"no index at {directory}{hint}: build one with "
             "'imgsim index GALLERY_DIR --model BUNDLE'"
         )
+    check_items_file(directory / ITEMS_FILE, thorough_check)
     return ItemStore(directory / ITEMS_FILE)
 
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from index import duplicates, folder, recovery
 from index.duplicates import Added
-from index.errors import EmptyIndex, ItemNotFound, ModelMismatch
+from index.errors import EmptyIndex, ItemNotFound, ModelMismatch, disk_full_refused
 from index.kinds import KindChoice
 from index.locks import ReadWriteLock
 from index.snapshot import Snapshots
@@ -102,9 +102,11 @@ class GalleryIndex:
         fingerprint: str | None = None,
         factory: str | None = None,
         snapshot_every: int = 1000,
+        thorough_check: bool = False,
     ) -> GalleryIndex:
-        """Open a collection; with a fingerprint, refuse one built with another model."""
-        store = folder.existing_store(directory)
+        """Open a collection, checked (SQLite's integrity_check if thorough_check, else its
+        quick_check); with a fingerprint, refuse one built with another model."""
+        store = folder.existing_store(directory, thorough_check)
         meta = store.meta()
         limit = int(meta[MAX_INDEX_MEMORY]) if MAX_INDEX_MEMORY in meta else None
         kind = KindChoice(int(meta["dim"]), factory, limit)
@@ -172,10 +174,17 @@ class GalleryIndex:
         with self._lock.write():
             matches = self._duplicates(embeddings, duplicate_threshold)
             keep = [i for i, m in enumerate(matches) if not (skip_duplicates and m)]
-            if contents is not None:
-                for i in keep:
-                    self._images.keep(Path(items[i].path), contents[i])
-            ids, seq = self.store.insert([items[i] for i in keep], embeddings[keep])
+            written: list[Path] = []
+            try:  # a failed add (duplicate external id, full disk) leaves no file behind
+                with disk_full_refused("the images"):
+                    for i in keep if contents is not None else []:
+                        if self._images.keep(Path(items[i].path), contents[i]):
+                            written.append(Path(items[i].path))
+                    ids, seq = self.store.insert([items[i] for i in keep], embeddings[keep])
+            except BaseException:
+                for path in written:
+                    path.unlink(missing_ok=True)
+                raise
             self._apply(seq, add=(embeddings[keep], np.asarray(ids, dtype=np.int64)))
         self._snapshots.soon(self._applied_seq, self._captured)
         return duplicates.outcomes(matches, dict(zip(keep, ids, strict=True)))

@@ -9,6 +9,7 @@ last seq it contains.
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 import time
@@ -20,6 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from index.errors import DuplicateExternalId, IndexCorrupt
+
+log = logging.getLogger(__name__)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -119,11 +122,19 @@ class ItemStore:
             self._writer.execute("COMMIT")
 
     def close(self) -> None:
-        """Close every connection."""
+        """Merge the WAL into the database file (so that the file alone is complete, for a
+        copy or a backup) and close every connection."""
         with self._mutex:
-            for connection in [*self._readers, self._writer]:
+            for connection in self._readers:
                 connection.close()
             self._readers.clear()
+            if self.path is not None:
+                busy, _, _ = self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+                if busy:  # another process is reading it: the WAL stays, and is still valid
+                    log.warning(
+                        "%s: the WAL could not be merged, another reader holds it", self.path
+                    )
+            self._writer.close()
 
     def set_meta(self, values: dict[str, str]) -> None:
         """Record facts about the collection (model fingerprint, embedding size)."""

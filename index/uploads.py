@@ -28,11 +28,14 @@ class KeptImages:
         return self.folder / f"{sha256}{suffix}"
 
     @staticmethod
-    def keep(path: Path, content: bytes) -> None:
-        """Write the image at its item's path, unless a copy of it is there already."""
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(path, lambda tmp: tmp.write_bytes(content))
+    def keep(path: Path, content: bytes) -> bool:
+        """Write the image at its item's path, unless a copy of it is there already; returns
+        whether it wrote one (which the caller removes should the add fail)."""
+        if path.exists():
+            return False
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda tmp: tmp.write_bytes(content))
+        return True
 
     def forget(self, item: Item, store: ItemStore) -> None:
         """Remove a deleted item's kept image once no stored item has the same content."""

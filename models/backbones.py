@@ -13,12 +13,16 @@ import logging
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 import torch
+from pydantic import ConfigDict, Field, field_validator
+from pydantic.dataclasses import dataclass as checked_dataclass
 from torch import nn
 from torchvision.models import get_model_weights
 from torchvision.models._api import WeightsEnum
 from torchvision.models._meta import _IMAGENET_CATEGORIES
+from torchvision.transforms import InterpolationMode
 
 from models.errors import WeightsUnavailable
 from models.families import DENSENET, EFFICIENTNET_LITE, GOOGLENET, RESNET, Family
@@ -29,30 +33,34 @@ DEFAULT_BACKBONE = "densenet121"
 INSTALLED_BACKBONE = "efficientnet_lite0"  # ImageNet weights come with the install: works offline
 
 
-@dataclass(frozen=True)
+# What a bundle's config.json may hold: checked when built and when loaded (models/bundle.py).
+STRICT = ConfigDict(extra="forbid")  # an unknown key is an error, not ignored
+Size = Annotated[int, Field(gt=0, strict=True)]
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+PositiveFinite = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+
+
+@checked_dataclass(frozen=True, config=STRICT)
 class Preprocessing:
     """How an image becomes the tensor the weights expect (read from the weights' record)."""
 
-    crop_size: int
-    resize_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    crop_size: Size
+    resize_size: Size
+    mean: tuple[Finite, Finite, Finite]
+    std: tuple[PositiveFinite, PositiveFinite, PositiveFinite]
     interpolation: str
+
+    @field_validator("interpolation")
+    @classmethod
+    def _known_interpolation(cls, value: str) -> str:
+        known = [mode.value for mode in InterpolationMode]
+        if value not in known:
+            raise ValueError(f"unknown interpolation {value!r}; choose one of: {', '.join(known)}")
+        return value
 
     def to_dict(self) -> dict:
         """JSON-ready form, stored in the bundle."""
         return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> Preprocessing:
-        """Inverse of to_dict."""
-        return cls(
-            crop_size=int(data["crop_size"]),
-            resize_size=int(data["resize_size"]),
-            mean=tuple(data["mean"]),
-            std=tuple(data["std"]),
-            interpolation=str(data["interpolation"]),
-        )
 
 
 @dataclass(frozen=True)

@@ -8,17 +8,22 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
 from PIL import Image
+from pydantic import Field, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic.dataclasses import dataclass as checked_dataclass
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from models.backbones import (
+    STRICT,
+    PositiveFinite,
     Preprocessing,
+    Size,
     check_backbone,
     imagenet_categories,
     preprocessing_for,
@@ -30,7 +35,13 @@ from models.errors import BundleError, UnsupportedImage
 from models.files import atomic_write
 from models.images import DEFAULT_MAX_PIXELS
 from models.layout import BundleLayout
-from models.network import DEFAULT_TEMPERATURE, EmbeddingNet, build_imagenet_net, build_net
+from models.network import (
+    DEFAULT_TEMPERATURE,
+    HEADS,
+    EmbeddingNet,
+    build_imagenet_net,
+    build_net,
+)
 
 log = logging.getLogger(__name__)
 
@@ -38,20 +49,45 @@ FORMAT_VERSION = 1
 Input = Image.Image | Path | bytes  # what encode takes: a decoded image, a file or its bytes
 
 
-@dataclass
+Score = Annotated[float, Field(ge=0.0, le=1.0, strict=True, allow_inf_nan=False)]
+
+
+@checked_dataclass(config=STRICT)
 class BundleConfig:
-    """Everything needed to rebuild the network and preprocess its input."""
+    """Everything needed to rebuild the network and preprocess its input; checked (types,
+    ranges, known keys) when built and when a bundle is loaded."""
 
     backbone: str
-    classes: list[str]
+    classes: Annotated[list[Annotated[str, Field(strict=True)]], Field(min_length=1)]
     preprocessing: Preprocessing
-    embed_dim: int | None = None  # projection size; None keeps the backbone's feature size
+    embed_dim: Size | None = None  # projection size; None keeps the backbone's feature size
     head: str = "cosine"
-    temperature: float = DEFAULT_TEMPERATURE
+    temperature: PositiveFinite = DEFAULT_TEMPERATURE
     pretrained_classifier: bool = False  # True: torchvision's own ImageNet classifier, untrained
     weights: str = "imagenet"  # what the backbone started from
-    threshold: float | None = None  # below this top-1 score, /classify answers "unknown"
+    threshold: Score | None = None  # below this top-1 score, /classify answers "unknown"
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, value: str) -> str:
+        return check_backbone(value)
+
+    @field_validator("head")
+    @classmethod
+    def _known_head(cls, value: str) -> str:
+        if value not in HEADS:
+            raise ValueError(f"unknown head {value!r}; choose one of: {', '.join(HEADS)}")
+        return value
+
+    @model_validator(mode="after")
+    def _unique_classes(self) -> BundleConfig:
+        # ImageNet's own 1000 names repeat two ("crane", "maillot"); a trained bundle's cannot.
+        if not self.pretrained_classifier and len(set(self.classes)) != len(self.classes):
+            seen: set[str] = set()
+            twice = sorted({name for name in self.classes if name in seen or seen.add(name)})
+            raise ValueError(f"classes must be unique; repeated: {', '.join(twice)}")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -60,10 +96,10 @@ class BundleConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BundleConfig:
-        """Inverse of to_dict."""
+        """Inverse of to_dict; ValidationError naming each field that is missing, unknown or
+        out of range."""
         data = {key: value for key, value in data.items() if key not in ("format", "fingerprint")}
-        data["preprocessing"] = Preprocessing.from_dict(data["preprocessing"])
-        return cls(**data)
+        return TypeAdapter(cls).validate_python(data)
 
 
 def fingerprint_of(state: dict[str, torch.Tensor]) -> str:
@@ -124,8 +160,7 @@ class Bundle:
                 f"{directory} is not a model bundle (it needs {config_path.name} and "
                 f"{weights_path.name}). Create one with 'imgsim train DATA_DIR --out BUNDLE'."
             )
-        raw = json.loads(config_path.read_text())
-        config = BundleConfig.from_dict(raw)
+        config, raw = _read_config(config_path)
         net = _build(config)
         try:
             net.load_state_dict(load_file(str(weights_path)))
@@ -199,6 +234,28 @@ class Encoded:
     embeddings: np.ndarray  # (N, D) float32, L2-normalised, of the readable inputs in order
     logits: np.ndarray  # (N, C) float32
     failed: list[tuple[int, str]] = field(default_factory=list)  # (input position, reason)
+
+
+def _read_config(path: Path) -> tuple[BundleConfig, dict[str, Any]]:
+    """The bundle's config.json, checked, and as read; or BundleError saying what is wrong."""
+    fix = "Fix it, or save the bundle again with 'imgsim train DATA_DIR --out BUNDLE'."
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise BundleError(f"{path} cannot be read as JSON ({err}). {fix}") from err
+    if not isinstance(raw, dict):
+        raise BundleError(f"{path} holds a JSON {type(raw).__name__}, not an object. {fix}")
+    if raw.get("format", FORMAT_VERSION) != FORMAT_VERSION:
+        raise BundleError(f"{path} has format {raw['format']!r}; this imgsim reads "
+                          f"format {FORMAT_VERSION}. {fix}")  # fmt: skip
+    try:
+        return BundleConfig.from_dict(raw), raw
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in e['loc']) or 'config'}: {e['msg']}"
+            for e in err.errors()
+        )
+        raise BundleError(f"{path} is not a valid bundle config: {problems}. {fix}") from err
 
 
 def _build(config: BundleConfig) -> EmbeddingNet:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+import stat
 from collections import defaultdict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -35,14 +36,60 @@ class Sample:
 
 
 def find_images(root: Path) -> list[Path]:
-    """Every image file below root (by extension, hidden files skipped), sorted."""
-    return sorted(
-        path
-        for path in root.rglob("*")
-        if path.suffix.lower() in IMAGE_EXTENSIONS
-        and path.is_file()
-        and not any(part.startswith(".") for part in path.relative_to(root).parts)
-    )
+    """Every image file below root (by extension, hidden files skipped), sorted; what has an
+    image's name but is not a file (a broken link, a FIFO, a device) is skipped with a warning."""
+    found, skipped = scan_images(root)
+    if skipped:
+        log.warning("skipping %d entries that are not files: %s", len(skipped), listing(skipped))
+    return found
+
+
+def scan_images(root: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """The image files below root (by extension, hidden ones left out), sorted, and
+    (path, reason) for each entry with an image's name that is not a regular file or a
+    symbolic link to one: reading a FIFO would wait forever, a device would never end."""
+    found, skipped = [], []
+    for path in sorted(root.rglob("*")):
+        if path.suffix.lower() not in IMAGE_EXTENSIONS or any(
+            part.startswith(".") for part in path.relative_to(root).parts
+        ):
+            continue
+        why = _not_a_file(path)
+        if why is None:
+            found.append(path)
+        elif why:
+            skipped.append((path, why))
+    return found, skipped
+
+
+SPECIAL_FILES = {
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+}
+
+
+def _not_a_file(path: Path) -> str | None:
+    """None for a regular file (or a link to one), '' for a folder, else what it is."""
+    link = "a symbolic link to " if path.is_symlink() else ""
+    try:
+        mode = path.stat().st_mode  # follows links
+    except FileNotFoundError:
+        return "a broken symbolic link" if link else "removed while listing"
+    except OSError as err:  # a link loop, a permission
+        what = "a symbolic link that" if link else "an entry that"
+        return f"{what} cannot be followed ({err.strerror})"
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return ""
+    return f"{link}{SPECIAL_FILES.get(stat.S_IFMT(mode), 'a special file')}, not a regular file"
+
+
+def listing(problems: Sequence[tuple[Path, str]]) -> str:
+    """'path (reason); ...': how skipped files are listed in warnings and errors."""
+    return "; ".join(f"{path} ({why})" for path, why in problems)
 
 
 SPLIT_FOLDERS = ("train", "val")
@@ -109,8 +156,7 @@ def check_images(
     good = [path for path, why in zip(paths, reasons, strict=True) if why is None]
     bad = [(path, why) for path, why in zip(paths, reasons, strict=True) if why is not None]
     if bad:
-        listing = "; ".join(f"{path} ({why})" for path, why in bad)
-        log.warning("skipping %d unreadable image(s): %s", len(bad), listing)
+        log.warning("skipping %d unreadable image(s): %s", len(bad), listing(bad))
     return good, bad
 
 

@@ -23,3 +23,11 @@ class DatasetError(ImgsimError):
 
 class BundleError(ImgsimError):
     """A model bundle is missing, incomplete or inconsistent."""
+
+
+class UnsupportedFormat(UnsupportedImage):
+    """The file is an image, but of a format we do not accept (EPS, PSD, ICO...)."""
+
+
+class AspectRatioTooLarge(UnsupportedImage):
+    """The image is so much longer than wide that scaling it to the model's size would not fit."""

@@ -1,15 +1,20 @@
-"""Decode one image safely: size limits, truncation, EXIF rotation, any mode to RGB.
+"""Decode one image safely: a format allow-list, size, shape and cost limits read from the
+header before any decoding, truncation, EXIF rotation, any mode to RGB.
 
-Pillow decodes images up to IN_MEMORY_PIXELS whole (JPEGs reduced by DCT scaling when a
-draft size is given). Larger ones (scanned drawings: a few MB of PNG declaring hundreds of
-megapixels) are decoded by libvips, which streams the rows and shrinks while reading, straight
-to the short side the caller needs; memory then depends on the width, not on the pixel count.
+Every decode holds at most about DECODE_BUDGET bytes of pixels, whatever the file declares.
+Pillow decodes images up to IN_MEMORY_PIXELS whole, then reduces them by an integer factor to
+no less than the size the caller needs (JPEGs are reduced while decoding, by DCT scaling).
+Larger ones (scanned drawings: a few MB of PNG declaring hundreds of megapixels) are decoded by
+libvips, which streams the rows and shrinks while reading, straight to the short side the caller
+needs; memory then depends on the width, not on the pixel count. What neither can decode within
+the budget (a progressive JPEG, an interlaced PNG or a single-strip TIFF above it) is refused.
 """
 
 from __future__ import annotations
 
 import io
 import math
+import struct
 import warnings
 from pathlib import Path
 
@@ -17,21 +22,42 @@ import numpy as np
 import pyvips
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from models.errors import ImageTooLarge, UnsupportedImage
+from models.errors import AspectRatioTooLarge, ImageTooLarge, UnsupportedFormat, UnsupportedImage
 
-IN_MEMORY_PIXELS = 40_000_000  # ~6300 x 6300, 120 MB as RGB: Pillow decodes up to this whole
+# The formats we decode, as Pillow names them, and as a person names them. Pillow is never
+# asked to open anything else (EPS would run Ghostscript, PSD, ICO, PCX... are attack surface).
+# JPEG's plugin also opens multi-picture JPEGs (MPO, from cameras and phones): the first picture.
+ACCEPTED_FORMATS = {
+    "JPEG": "JPEG",
+    "PNG": "PNG",
+    "WEBP": "WebP",
+    "GIF": "GIF",
+    "BMP": "BMP",
+    "TIFF": "TIFF",
+}
+
+
+def _either(names: list[str]) -> str:
+    return f"{', '.join(names[:-1])} or {names[-1]}"
+
+
+READABLE_FORMATS = _either(list(ACCEPTED_FORMATS.values()))  # "JPEG, PNG, ... or TIFF"
+
+MAX_ASPECT_RATIO = 20  # long side / short side; resizing the short side scales memory by it
+DECODE_BUDGET = 128 * 2**20  # bytes of pixels (or JPEG coefficients) one decode may hold
+IN_MEMORY_PIXELS = DECODE_BUDGET // 4  # ~33.5 Mpx: Pillow holds RGB(A) at 4 bytes a pixel
 # The hard limit is on time, not memory: libvips decodes any size in bounded memory, but it
 # must inflate every declared row. 1 Gpx is 1.5x the largest real drawings (~650 Mpx) and a
 # few seconds of one core; a file declaring more is a decompression bomb, not a drawing.
 DEFAULT_MAX_PIXELS = 1_000_000_000
-DEFAULT_REDUCED_SIDE = 1024  # short side of a libvips-reduced image when no draft size is given
-READABLE_FORMATS = "PNG, JPEG, WebP, GIF, BMP or TIFF"
+DEFAULT_REDUCED_SIDE = 1024  # short side of a reduced image when no draft size is given
 # Formats (Pillow's names) that libvips reduces in bounded memory. Not GIF: libvips decodes a
 # whole frame first (940 MB for 200 Mpx). Not BMP and the like: libvips cannot read them.
 REDUCED_BY_LIBVIPS = frozenset({"PNG", "TIFF", "WEBP", "MPO"})
 LIBVIPS_LOAD_OPTIONS = "fail_on=truncated"  # libvips' default would return a partial image
+REDUCIBLE_MODES = frozenset({"L", "LA", "PA", "RGB", "RGBA", "CMYK", "I", "F", "YCbCr"})
 
-# The limit is ours: _check_pixels reads the header and applies the caller's max_pixels before
+# The limit is ours: _check_header reads the header and applies the caller's max_pixels before
 # any decoding. Pillow's global check would refuse (above 2x its value) what a caller allows,
 # with a different message, in every Image.open of the process, headers read elsewhere included.
 Image.MAX_IMAGE_PIXELS = None
@@ -51,13 +77,19 @@ def load_image(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(stream) as image:  # reads the header only
-                _check_pixels(image, max_pixels)
+            # Only our formats' plugins are tried; each reads the header only.
+            with Image.open(stream, formats=list(ACCEPTED_FORMATS)) as image:
+                _check_header(image, max_pixels)
                 return _decode(image, source, draft_size)
     # Pillow's own check is off (MAX_IMAGE_PIXELS above); kept should a caller turn it back on.
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise ImageTooLarge(f"the image is too large to decode safely ({err})") from err
     except UnidentifiedImageError as err:
+        other = format_of(source)
+        if other is not None and other not in ACCEPTED_FORMATS:  # not a broken file of ours
+            raise UnsupportedFormat(
+                f"{other} images are not accepted; send {READABLE_FORMATS}"
+            ) from err
         raise UnsupportedImage(
             f"the file is not an image we can read (expected {READABLE_FORMATS})"
         ) from err
@@ -67,31 +99,114 @@ def load_image(
         raise UnsupportedImage(f"the image data is truncated or corrupt ({err})") from err
 
 
-def _check_pixels(image: Image.Image, max_pixels: int) -> None:
+def format_of(source: Path | bytes) -> str | None:
+    """The name of the image format the file's first bytes announce, as Pillow's plugins
+    recognise it (their prefix checks only: no plugin opens the file); None if none does."""
+    try:
+        if isinstance(source, bytes):
+            prefix = source[:16]
+        else:
+            with source.open("rb") as file:
+                prefix = file.read(16)
+    except OSError:
+        return None
+    Image.init()
+    for name in Image.ID:
+        accept = Image.OPEN[name][1]
+        try:
+            if accept is not None and accept(prefix):
+                return name
+        except (IndexError, struct.error, ValueError):  # some checks assume enough bytes
+            continue
+    return None
+
+
+def _check_header(image: ImageFile.ImageFile, max_pixels: int) -> None:
+    """Refuse, from the header alone, what is too large, too long or too costly to decode."""
+    _check_pixels(image, max_pixels)
+    width, height = image.size
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise AspectRatioTooLarge(
+            f"the image is {width}x{height} pixels, {max(width, height) / min(width, height):,.0f}"
+            f" times longer than wide; the limit is {MAX_ASPECT_RATIO}:1"
+        )
+    if image.format in ("JPEG", "MPO") and image.info.get("progressive"):
+        need = _coefficient_bytes(image)
+        if need > DECODE_BUDGET:
+            raise ImageTooLarge(
+                f"the image is a progressive JPEG of {width}x{height} pixels, which takes "
+                f"{need / 2**20:,.0f} MB to decode; the limit is {DECODE_BUDGET / 2**20:,.0f} MB"
+                " (save it as a baseline JPEG or a PNG, or make it smaller)"
+            )
+
+
+def _check_pixels(image: Image.Image, max_pixels: int, why: str = "") -> None:
     width, height = image.size
     if width * height > max_pixels:
         raise ImageTooLarge(
             f"the image has {width}x{height} = {width * height:,} pixels; "
-            f"the limit is {max_pixels:,}"
+            f"the limit is {max_pixels:,}{why}"
         )
     if width == 0 or height == 0:
         raise UnsupportedImage("the image has no pixels")
 
 
+def _coefficient_bytes(image: ImageFile.ImageFile) -> int:
+    """What libjpeg holds to decode a progressive JPEG: every DCT coefficient of every
+    component at full size (2 bytes each), whatever the DCT scaling."""
+    layers = getattr(image, "layer", None) or [("", 1, 1, 0)] * len(image.getbands())
+    h_max, v_max = max(layer[1] for layer in layers), max(layer[2] for layer in layers)
+    blocks = sum(
+        math.ceil(image.width * h / h_max / 8) * math.ceil(image.height * v / v_max / 8)
+        for _, h, v, _ in layers
+    )
+    return blocks * 64 * 2
+
+
+def _streamed_by_libvips(image: ImageFile.ImageFile) -> bool:
+    """Whether libvips can reduce this image while reading it, in bounded memory: not an
+    interlaced PNG, nor a TIFF whose strips or tiles are over the budget (decoded whole)."""
+    if image.format not in REDUCED_BY_LIBVIPS:
+        return False
+    if image.format == "PNG":
+        return not image.info.get("interlace")
+    if image.format == "TIFF":
+        tags = image.tag_v2
+        rows = tags.get(323) or tags.get(278) or image.height  # tile length, rows per strip
+        columns = tags.get(322) or image.width  # tile width
+        return min(rows, image.height) * columns * len(image.getbands()) * 2 <= DECODE_BUDGET
+    return True
+
+
 def _decode(
     image: ImageFile.ImageFile, source: Path | bytes, draft_size: int | None
 ) -> Image.Image:
-    """Pillow decodes what fits in memory, JPEGs with DCT scaling; libvips reduces the rest."""
+    """Pillow decodes what fits in memory, JPEGs with DCT scaling, and reduces it at once;
+    libvips reduces the rest while reading."""
     large = image.width * image.height > IN_MEMORY_PIXELS
-    if large and image.format in REDUCED_BY_LIBVIPS:
+    if large and _streamed_by_libvips(image):
         return _load_reduced(source, image.size, draft_size or DEFAULT_REDUCED_SIDE)
-    if large and image.format != "JPEG":
-        _check_pixels(image, IN_MEMORY_PIXELS)  # Pillow would decode it whole
+    if large and image.format != "JPEG":  # Pillow would decode it whole
+        _check_pixels(image, IN_MEMORY_PIXELS, f" for a {image.format} image of this kind")
     side = draft_size or (DEFAULT_REDUCED_SIDE if large else None)
     if side and image.format == "JPEG":
         image.draft("RGB", (side, side))  # big JPEGs: decode smaller (down to 1/8 of each side)
     image.load()
+    if side:
+        image = _reduced(image, side)
     return to_rgb(ImageOps.exif_transpose(image))
+
+
+def _reduced(image: Image.Image, side: int) -> Image.Image:
+    """The decoded image shrunk by the largest integer factor that keeps its short side at
+    least `side` (a box filter, as DCT scaling is), so that no later step copies it whole."""
+    factor = min(image.size) // side
+    if factor < 2 or image.mode not in REDUCIBLE_MODES:
+        return image
+    reduced = image.reduce(factor)
+    # What follows reads the orientation (from the file's tags, for a TIFF) and transparency.
+    reduced.info = {**image.info, "exif": image.getexif().tobytes()}
+    return reduced
 
 
 def _load_reduced(source: Path | bytes, size: tuple[int, int], side: int) -> Image.Image:

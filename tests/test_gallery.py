@@ -302,7 +302,7 @@ def test_index_folder_decodes_once_and_builds_the_final_kind_once(
     assert len(bundle.encoded) == 1 and len(bundle.encoded[0]) == 301  # one decode pass
     assert len(tunings) == 1  # one index built, of the final kind, tuned once
     [warning] = [r.getMessage() for r in caplog.records if "unreadable" in r.getMessage()]
-    assert "skipping 1 unreadable image(s)" in warning and "broken.png (cannot identify" in warning
+    assert "skipping 1 unreadable file(s)" in warning and "broken.png (cannot identify" in warning
     reopened = GalleryIndex.load(tmp_path / "index", "stub")
     assert reopened.info()["index_type"].startswith("IVF") and len(reopened) == len(gallery) == 300
     assert reopened.labels() == {"a": 150, "b": 150} and reopened.consistent()

@@ -1,0 +1,182 @@
+"""Index files: checked at open, whole after close, backed up, none left by a failed add."""
+
+from __future__ import annotations
+
+import errno
+import shutil
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from app.cli import main
+from index import uploads
+from index.errors import DuplicateExternalId, IndexCorrupt, InsufficientStorage
+from index.gallery import GalleryIndex
+from index.store import NewItem
+from models.files import atomic_write
+
+DIM = 8
+
+
+def vectors(n: int, seed: int = 0) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal((n, DIM)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def collection(directory: Path, n: int = 300, close: bool = True) -> GalleryIndex:
+    """A collection of n items, each with a kept image file (its bytes: its number)."""
+    gallery = GalleryIndex.create(DIM, "model-a", directory, snapshot_every=10_000)
+    for start in range(0, n, 50):
+        batch = range(start, min(n, start + 50))
+        items = [_item(gallery, i) for i in batch]
+        gallery.add(vectors(len(batch), start), items, contents=[b"image %d" % i for i in batch])
+    if close:
+        gallery.close()
+    return gallery
+
+
+def _item(gallery: GalleryIndex, i: int, external_id: str | None = None) -> NewItem:
+    return NewItem(gallery.image_path(f"{i:064d}", ".png"), "l", external_id, f"{i:064d}")
+
+
+@pytest.fixture
+def index_dir(tmp_path: Path) -> Path:
+    collection(tmp_path / "index")
+    return tmp_path / "index"
+
+
+def test_a_whole_index_opens(index_dir: Path) -> None:
+    for thorough in (False, True):
+        gallery = GalleryIndex.load(index_dir, "model-a", thorough_check=thorough)
+        assert len(gallery) == 300 and gallery.consistent()
+        gallery.close()
+
+
+def test_an_empty_file_is_named(index_dir: Path) -> None:
+    (index_dir / "items.sqlite").write_bytes(b"")
+    with pytest.raises(IndexCorrupt, match=r"items.sqlite is empty \(0 bytes\).*--rebuild"):
+        GalleryIndex.load(index_dir, "model-a")
+
+
+def test_a_foreign_file_is_named(index_dir: Path) -> None:
+    (index_dir / "items.sqlite").write_bytes(b"PK\x03\x04 a zip, say" * 100)
+    with pytest.raises(IndexCorrupt, match="is not a SQLite database.*imgsim backup"):
+        GalleryIndex.load(index_dir, "model-a")
+
+
+def test_another_sqlite_database_is_named(index_dir: Path) -> None:
+    (index_dir / "items.sqlite").unlink()
+    other = sqlite3.connect(index_dir / "items.sqlite")
+    other.execute("CREATE TABLE contacts (name TEXT)")
+    other.commit()
+    other.close()
+    with pytest.raises(IndexCorrupt, match="not an imgsim index.*no meta, items, changes table"):
+        GalleryIndex.load(index_dir, "model-a")
+    assert "items" not in _tables(index_dir / "items.sqlite")  # left as it was
+
+
+def _tables(path: Path) -> set[str]:
+    connection = sqlite3.connect(path)
+    try:
+        return {row[0] for row in connection.execute("SELECT name FROM sqlite_master")}
+    finally:
+        connection.close()
+
+
+def test_random_byte_flips_are_found(index_dir: Path) -> None:
+    path = index_dir / "items.sqlite"
+    data = bytearray(path.read_bytes())
+    rng = np.random.default_rng(12)
+    for offset in rng.integers(100, len(data), 200):  # past the header: a SQLite file still
+        data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(IndexCorrupt, match="is damaged"):
+        GalleryIndex.load(index_dir, "model-a")
+
+
+def test_the_cli_names_a_damaged_index_in_one_paragraph(
+    index_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (index_dir / "items.sqlite").write_bytes(b"")
+    assert main(["backup", str(index_dir), str(tmp_path / "copy")]) == 2
+    err = capsys.readouterr().err
+    assert "is empty (0 bytes)" in " ".join(err.split()) and "Traceback" not in err
+    assert not (tmp_path / "copy").exists()
+
+
+def test_after_close_the_database_file_alone_is_complete(tmp_path: Path) -> None:
+    collection(tmp_path / "index", n=323)
+    wal = tmp_path / "index" / "items.sqlite-wal"
+    assert not wal.exists() or wal.stat().st_size == 0
+    alone = tmp_path / "alone.sqlite"
+    shutil.copyfile(tmp_path / "index" / "items.sqlite", alone)  # without -wal and -shm
+    connection = sqlite3.connect(alone)
+    assert connection.execute("SELECT COUNT(*) FROM items").fetchone()[0] == 323
+    connection.close()
+
+
+def test_a_backup_restores_a_working_index(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    index_dir = tmp_path / "index"
+    gallery = collection(index_dir, n=120, close=False)  # open, as under a running server
+    assert main(["backup", str(index_dir), str(tmp_path / "copy")]) == 0
+    assert "backed up 120 items" in capsys.readouterr().out
+    gallery.close()
+    shutil.rmtree(index_dir)
+    shutil.move(tmp_path / "copy", index_dir)
+    restored = GalleryIndex.load(index_dir, "model-a", thorough_check=True)
+    assert len(restored) == 120 and restored.consistent()
+    item = restored.get(7)
+    assert Path(item.path).read_bytes() == b"image 6"  # ids start at 1
+    assert restored.search(vectors(1, 0)[:1], 1)[0][0].id == 1
+    restored.close()
+
+
+def test_a_backup_never_overwrites(index_dir: Path, tmp_path: Path) -> None:
+    (tmp_path / "copy").mkdir()
+    assert main(["backup", str(index_dir), str(tmp_path / "copy")]) == 2
+
+
+def test_a_repeated_409_leaves_no_file(tmp_path: Path) -> None:
+    gallery = collection(tmp_path / "index", n=3, close=False)
+    gallery.add(vectors(1, 9), [_item(gallery, 900, "x")], contents=[b"first"])
+    images = sorted((tmp_path / "index" / "images").iterdir())
+    for attempt in range(3):
+        with pytest.raises(DuplicateExternalId):
+            gallery.add(vectors(1, 10 + attempt), [_item(gallery, 901 + attempt, "x")],
+                        contents=[b"other %d" % attempt])  # fmt: skip
+    assert sorted((tmp_path / "index" / "images").iterdir()) == images
+    assert len(gallery) == 4 and gallery.store.count() == 4
+    gallery.close()
+
+
+def test_a_full_disk_during_add_keeps_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gallery = collection(tmp_path / "index", n=5, close=False)
+    images = sorted((tmp_path / "index" / "images").iterdir())
+    writes = []
+
+    def fills_the_disk(path: Path, write: object) -> None:
+        writes.append(path)
+        if len(writes) == 2:  # the first image of the add is written, the second is not
+
+            def half(tmp: Path) -> None:
+                tmp.write_bytes(b"half")
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+            atomic_write(path, half)
+        atomic_write(path, write)
+
+    monkeypatch.setattr(uploads, "atomic_write", fills_the_disk)
+    with pytest.raises(InsufficientStorage, match="disk is full"):
+        gallery.add(vectors(2, 50), [_item(gallery, 50), _item(gallery, 51)], contents=[b"a", b"b"])
+    assert sorted((tmp_path / "index" / "images").iterdir()) == images  # no temporary file
+    assert len(gallery) == 5 and gallery.store.count() == 5 and gallery.consistent()
+    monkeypatch.undo()
+    gallery.add(vectors(2, 50), [_item(gallery, 50), _item(gallery, 51)], contents=[b"a", b"b"])
+    assert len(gallery) == 7
+    gallery.close()
