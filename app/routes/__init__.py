@@ -2,4 +2,4 @@
 
 from app.schemas import ErrorBody
 
-ERRORS = {code: {"model": ErrorBody} for code in (400, 404, 409, 413, 422, 503)}
+ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 403, 404, 409, 413, 422, 503)}
