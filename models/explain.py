@@ -33,7 +33,10 @@ from models.bundle import Bundle
 from models.data import eval_transform, resized
 from models.network import EmbeddingNet
 
-GAP = 8  # pixels between the two images of a pair
+
+def gap(width: int) -> int:
+    """Pixels between the two images of a pair: a thin line at any model size."""
+    return max(2, width // 32)
 
 
 class _Output(nn.Module):
@@ -118,11 +121,12 @@ class Explainer:
 
 
 def side_by_side(left: Image.Image, right: Image.Image) -> Image.Image:
-    """Two images of one mode in a row, GAP pixels apart: on white, or on no heat (black)."""
-    size = (left.width + GAP + right.width, max(left.height, right.height))
+    """Two images of one mode in a row, a gap apart: on white, or on no heat (black)."""
+    space = gap(left.width)
+    size = (left.width + space + right.width, max(left.height, right.height))
     canvas = Image.new(left.mode, size, "white" if left.mode == "RGB" else 0)
     canvas.paste(left, (0, 0))
-    canvas.paste(right, (left.width + GAP, 0))
+    canvas.paste(right, (left.width + space, 0))
     return canvas
 
 

@@ -24,7 +24,7 @@ from app.service import Service
 from app.settings import Settings
 from models.bundle import Bundle
 from models.data import eval_transform, resized
-from models.explain import GAP, Explainer
+from models.explain import Explainer, gap
 
 SIDE, HALF = 224, 30  # scene size; half the side of the object's patch
 CLASSES = ["ring", "cross"]
@@ -149,9 +149,9 @@ def test_the_similarity_heatmaps_are_hottest_on_the_shared_object(
     )
     assert response.status_code == 200 and -1 <= float(response.headers["x-imgsim-score"]) <= 1
     grey = np.asarray(Image.open(io.BytesIO(response.content)))
-    assert grey.shape == (SIDE, 2 * SIDE + GAP)
+    assert grey.shape == (SIDE, 2 * SIDE + gap(SIDE))
     assert on_object(grey[:, :SIDE], query_at, min_ratio=1.25)
-    assert on_object(grey[:, SIDE + GAP :], stored_at, min_ratio=1.25)
+    assert on_object(grey[:, SIDE + gap(SIDE) :], stored_at, min_ratio=1.25)
 
 
 def test_bad_explain_requests_are_4xx(client: TestClient) -> None:

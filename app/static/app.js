@@ -293,7 +293,11 @@ $("#k").addEventListener("change", search);
 $("#label-filter").addEventListener("change", search);
 $("#explain-toggle").addEventListener("change", (event) => {
   const overlay = $("#query-overlay");
-  if (!event.target.checked) { overlay.hidden = true; return; }
+  if (!event.target.checked) {
+    overlay.hidden = true;
+    $("#query-caption").textContent = state.item ? `image #${state.item.id} · ${labelOf(state.item)}` : state.name;
+    return;
+  }
   if (state.file) explainClass();
 });
 $("#gallery-label").addEventListener("change", () => loadGallery(0));
