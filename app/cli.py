@@ -215,6 +215,12 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
     _path(parser, "--model", "BUNDLE", "trained bundle folder")
     _path(parser, "--index", "DIR", "index folder (default: BUNDLE/index when it exists)")
     _address(parser)
+    parser.add_argument(
+        "--allow-open-writes",
+        action="store_true",
+        help="on a non-loopback --host without IMGSIM_API_KEY, let anyone add and delete "
+        "images (default: the service is read-only there)",
+    )
     _common(parser)
 
 
@@ -228,6 +234,7 @@ def _run_serve(args: argparse.Namespace) -> None:
         backbone=args.backbone,
         weights=args.weights,
         device=args.device,
+        **({"allow_open_writes": True} if args.allow_open_writes else {}),
     )
     serve(settings, args.host, args.port)
 

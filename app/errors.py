@@ -40,12 +40,29 @@ class InvalidRequest(ImgsimError):
     """The request's fields do not fit together (e.g. one external id for many files)."""
 
 
+class Unauthorized(ImgsimError):
+    """A write came without the API key, or with a wrong one."""
+
+    headers = {"WWW-Authenticate": 'Bearer realm="imgsim"'}
+
+
+class WritesDisabled(ImgsimError):
+    """The service is read-only: served on a public address without an API key."""
+
+
+class ImageFileMissing(ImgsimError):
+    """A stored item's image file is no longer on disk."""
+
+
 STATUS: list[tuple[type[Exception], int]] = [  # first match wins: subclasses before bases
     (UploadTooLarge, 413),
     (ImageTooLarge, 413),
     (UnsupportedFormat, 415),
     (UnsupportedImage, 422),
     (InvalidRequest, 422),
+    (Unauthorized, 401),
+    (WritesDisabled, 403),
+    (ImageFileMissing, 404),
     (NoIndex, 503),
     (IndexMissing, 503),
     (IndexCorrupt, 503),
@@ -70,7 +87,11 @@ def install(app: FastAPI) -> None:
     and anything unexpected with a logged JSON 500 that names the request id."""
 
     async def handle(request: Request, error: Exception) -> JSONResponse:
-        return JSONResponse(status_code=status_of(error), content={"detail": str(error)})
+        return JSONResponse(
+            status_code=status_of(error),
+            content={"detail": str(error)},
+            headers=getattr(error, "headers", None),
+        )
 
     async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
         problems = "; ".join(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, computed_field
 
 
 class Prediction(BaseModel):
@@ -29,12 +29,37 @@ class ClassifyResponse(BaseModel):
     model: str = Field(description="fingerprint of the model that answered")
 
 
-class Neighbour(BaseModel):
+def file_url(item_id: int | None) -> str | None:
+    """Where a stored image is fetched: GET /images/{id}/file (relative to the service)."""
+    return None if item_id is None else f"/images/{item_id}/file"
+
+
+def thumbnail_url(item_id: int | None) -> str | None:
+    """Where a stored image's thumbnail is fetched (add ?size=N for another size)."""
+    return None if item_id is None else f"/images/{item_id}/thumbnail"
+
+
+class Linked(BaseModel):
+    """A stored image's links: answers give ids and URLs, never the server's file paths."""
+
+    id: int | None
+
+    @computed_field(description="URL of the image file, relative to the service")
+    @property
+    def url(self) -> str | None:
+        return file_url(self.id)
+
+    @computed_field(description="URL of its thumbnail (?size=16..512)")
+    @property
+    def thumbnail_url(self) -> str | None:
+        return thumbnail_url(self.id)
+
+
+class Neighbour(Linked):
     """One similar image of the collection."""
 
     id: int
     label: str | None
-    path: str
     score: float = Field(description="cosine similarity, -1..1 (1 = same embedding)")
 
 
@@ -54,6 +79,8 @@ class Health(BaseModel):
     device: str
     model: str
     index_size: int | None = Field(description="items in the index; null when none is loaded")
+    image_size: int = Field(description="side of the square the model sees, in pixels")
+    writes: str = Field(description="who may add and delete: 'key', 'open' or 'read-only'")
 
 
 class ErrorBody(BaseModel):
@@ -69,13 +96,12 @@ class Duplicate(BaseModel):
     score: float = Field(description="cosine similarity, at least the duplicate threshold")
 
 
-class AddedImage(BaseModel):
+class AddedImage(Linked):
     """One image of POST /images."""
 
     id: int | None = Field(description="its new id; null when skipped as a duplicate")
     external_id: str | None
     label: str | None
-    path: str | None = Field(description="where the service keeps the image; null when skipped")
     sha256: str
     duplicate_of: Duplicate | None = Field(
         description="the most similar image already stored, when it scores at least the "
@@ -90,15 +116,24 @@ class AddImagesResponse(BaseModel):
     model: str
 
 
-class ImageItem(BaseModel):
+class ImageItem(Linked):
     """A stored image's metadata."""
 
     id: int
     external_id: str | None
     label: str | None
-    path: str
     sha256: str | None
     added_at: float = Field(description="Unix time it was added")
+
+
+class ImagePage(BaseModel):
+    """One page of the gallery, in the order images were added."""
+
+    images: list[ImageItem]
+    total: int = Field(description="images with this label (or in all), over every page")
+    offset: int
+    limit: int
+    labels: dict[str, int] = Field(description="how many images carry each label ('' = none)")
 
 
 class IndexInfo(BaseModel):

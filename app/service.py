@@ -5,10 +5,17 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
 
+from app.errors import ImageFileMissing
 from app.settings import Settings
+from app.thumbnails import Thumbnails
+from index.errors import ItemNotFound
 from index.gallery import GalleryIndex
+from index.store import Item
 from models.bundle import Bundle
+from models.explain import Explainer
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +27,13 @@ class Service:
     settings: Settings
     bundle: Bundle
     gallery: GalleryIndex | None
+    thumbnails: Thumbnails = field(default_factory=Thumbnails, repr=False)
     _creating: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @cached_property
+    def explainer(self) -> Explainer:
+        """Grad-CAM on a private copy of the network, made on the first /explain."""
+        return Explainer(self.bundle)
 
     def collection(self) -> GalleryIndex | None:
         """The gallery to add to, created empty at the index folder on the first add."""
@@ -40,6 +53,16 @@ class Service:
                     snapshot_every=self.settings.snapshot_every,
                 )
         return self.gallery
+
+    def image_file(self, item_id: int) -> tuple[Path, Item]:
+        """A stored image's file and item; ItemNotFound or ImageFileMissing when there is none."""
+        if self.gallery is None:
+            raise ItemNotFound(f"there is no image with id {item_id}")
+        item = self.gallery.get(item_id)
+        path = Path(item.path)
+        if not path.is_file():
+            raise ImageFileMissing(f"the image file of id {item_id} is no longer on disk")
+        return path, item
 
     def close(self) -> None:
         """Snapshot and close the gallery (call at shutdown)."""

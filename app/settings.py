@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from models.backbones import DEFAULT_BACKBONE, check_backbone
 from models.devices import DEVICES
@@ -44,6 +45,23 @@ class Settings(BaseSettings):
     thorough_index_check: bool = Field(
         False, description="at start, SQLite's integrity_check of the index instead of quick_check"
     )
+    host: str = Field("127.0.0.1", description="address served on; 'imgsim serve --host' sets it")
+    api_key: SecretStr | None = Field(
+        None, description="key that POST /images and DELETE /images/{id} need; never logged"
+    )
+    allow_open_writes: bool = Field(
+        False, description="allow writes without a key on a non-loopback address"
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="origins allowed cross-origin, comma-separated"
+    )
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [origin.strip() for origin in value.split(",") if origin.strip()]
+        return value
 
     @field_validator("bundle_dir")
     @classmethod

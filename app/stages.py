@@ -124,7 +124,9 @@ def _open_for_update(
 
 
 def serve(settings: Settings, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Load the bundle and index (errors surface here, before the server starts) and serve."""
+    """Load the bundle and index (errors surface here, before the server starts) and serve.
+    Writes are refused on a non-loopback host without an API key (see app/auth.py)."""
+    settings = settings.model_copy(update={"host": host})
     service = load_service(settings)
     uvicorn.run(create_app(settings, service), host=host, port=port, log_level="info")
 

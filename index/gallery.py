@@ -289,6 +289,13 @@ class GalleryIndex:
             raise ItemNotFound(f"there is no image with id {item_id}")
         return item
 
+    def page(
+        self, label: str | None = None, offset: int = 0, limit: int = 50
+    ) -> tuple[list[Item], int]:
+        """Stored items in the order they were added, a page at a time, optionally only those
+        with a label ('' = without one); and how many match in all."""
+        return self.store.page(label, offset, limit)
+
     def ids_of_content(self, sha256: str) -> list[int]:
         """The ids of items whose image has this content hash."""
         return [int(i) for i in self.store.ids(sha256=sha256)]

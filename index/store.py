@@ -196,6 +196,20 @@ class ItemStore:
         with self._reading() as db:
             return _item(db, item_id)
 
+    def page(self, label: str | None, offset: int, limit: int) -> tuple[list[Item], int]:
+        """Items in the order they were added, from offset, at most limit, optionally only
+        those with a label ('' = without one); and how many there are in all."""
+        where, arguments = "", ()
+        if label is not None:
+            where, arguments = "WHERE COALESCE(label, '') = ?", (label,)
+        with self._reading() as db:
+            total = db.execute(f"SELECT COUNT(*) FROM items {where}", arguments).fetchone()[0]
+            rows = db.execute(
+                f"SELECT {ITEM_COLUMNS} FROM items {where} ORDER BY id LIMIT ? OFFSET ?",
+                (*arguments, limit, offset),
+            ).fetchall()
+        return [Item(*row) for row in rows], int(total)
+
     def rows(self, ids: set[int]) -> dict[int, tuple[str, str | None]]:
         """Path and label of each of these ids that exists."""
         if not ids:

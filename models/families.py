@@ -31,6 +31,8 @@ class Family:
     convert: Callable[[dict[str, Tensor], nn.Module], dict[str, Tensor]] = (
         lambda state, model: state  # noqa: E731 - a state-dict file's keys, mapped to the model's
     )
+    # The trunk body's last convolutional stage, whose activations Grad-CAM weighs.
+    cam_layer: Callable[[nn.Module], nn.Module] = lambda body: body[-1]  # noqa: E731
 
 
 def _torchvision(name: str, weights: WeightsEnum | None, **extra: object) -> nn.Module:
@@ -128,7 +130,11 @@ def _in_order(state: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
 
 RESNET = Family(_torchvision, _resnet_cut, lambda model: model.fc.in_features)
 DENSENET = Family(
-    _torchvision, _densenet_cut, lambda model: model.classifier.in_features, convert=_densenet_keys
+    _torchvision,
+    _densenet_cut,
+    lambda model: model.classifier.in_features,
+    convert=_densenet_keys,
+    cam_layer=lambda body: body[0],  # features (ends in norm5); body[1] is an in-place ReLU
 )
 GOOGLENET = Family(
     _googlenet_build,
@@ -136,6 +142,7 @@ GOOGLENET = Family(
     lambda model: model.fc.in_features,
     features=_googlenet_features,
     adapt=_googlenet_adapt,
+    cam_layer=lambda body: body.inception5b,
 )
 EFFICIENTNET_LITE = Family(
     _timm_build,
@@ -143,4 +150,5 @@ EFFICIENTNET_LITE = Family(
     lambda model: model.num_features,
     features=lambda body, x: (body.forward_features(x), []),
     convert=_in_order,
+    cam_layer=lambda body: body.bn2,  # conv_head's batch norm and activation
 )

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import urllib.error
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,7 @@ import torch
 from torchvision.models import get_model
 
 from models.backbones import imagenet_checkpoint_path
+from models.bundle import Bundle
 from models.samples import make_sample_dataset
 from models.training import TrainConfig, train
 
@@ -56,3 +59,26 @@ def trained_bundle_dir(shapes_dir: Path, tmp_path_factory: pytest.TempPathFactor
     )
     train(shapes_dir, out, config)
     return out
+
+
+@pytest.fixture(scope="session")
+def _untrained_bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("untrained")
+    Bundle.pretrained("resnet18", "none", "cpu").save(directory)
+    return directory
+
+
+@pytest.fixture
+def untrained_bundle(_untrained_bundle_dir: Path) -> Callable[[Path], Path]:
+    """Makes a private copy (hard links) of one saved random-init resnet18 ImageNet bundle at
+    a folder, with no index yet: fast to load, for tests of the service rather than the model."""
+
+    def copy(directory: Path) -> Path:
+        directory.mkdir(parents=True, exist_ok=True)
+        for file in _untrained_bundle_dir.iterdir():
+            if file.is_file():
+                os.link(file, directory / file.name)
+        return directory
+
+    return copy

@@ -76,9 +76,10 @@ def test_similar_finds_the_indexed_image_first(client: TestClient, shapes_dir: P
     body = client.post("/similar?k=4", files=upload(reencoded(path.read_bytes()))).json()
     neighbours = body["neighbours"]
     assert len(neighbours) == 4
-    assert neighbours[0]["path"] == str(path.resolve()) and neighbours[0]["label"] == "circle"
+    assert client.get(neighbours[0]["url"]).content == path.read_bytes()
+    assert neighbours[0]["label"] == "circle"
     assert neighbours[0]["score"] == pytest.approx(1.0, abs=1e-4)
-    assert set(neighbours[0]) == {"id", "label", "path", "score"}
+    assert set(neighbours[0]) == {"id", "label", "score", "url", "thumbnail_url"}
 
 
 def test_similar_leaves_out_the_query_itself_and_filters_by_label(
@@ -86,8 +87,8 @@ def test_similar_leaves_out_the_query_itself_and_filters_by_label(
 ) -> None:
     path = shapes_dir / "circle" / "circle_003.png"
     body = client.post("/similar?k=40", files=upload(path.read_bytes())).json()
-    paths = [n["path"] for n in body["neighbours"]]
-    assert str(path.resolve()) not in paths and len(paths) == 39
+    found = [client.get(n["url"]).content for n in body["neighbours"]]
+    assert path.read_bytes() not in found and len(found) == 39
     body = client.post("/similar?k=40&label=star", files=upload(path.read_bytes())).json()
     assert [n["label"] for n in body["neighbours"]] == ["star"] * 10
 

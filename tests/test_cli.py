@@ -135,7 +135,8 @@ def test_no_training_needed_imagenet_model_indexes_and_serves(
         buffer = io.BytesIO()
         image.save(buffer, "PNG", compress_level=1)  # same pixels, other bytes than the file
         body = client.post("/similar?k=1", files={"file": ("s.png", buffer.getvalue())}).json()
-    assert body["neighbours"][0]["path"].endswith("star_004.png")
+        stored = client.get(body["neighbours"][0]["url"]).content
+    assert stored == (shapes_dir / "star" / "star_004.png").read_bytes()
     assert body["neighbours"][0]["score"] == pytest.approx(1.0, abs=1e-4)
 
 

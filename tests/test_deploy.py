@@ -1,5 +1,6 @@
-"""Deployment files: the Dockerfile lints clean, the compose file is valid compose-spec, and the
-container's entry point (the app factory reading IMGSIM_* variables) serves with no bundle."""
+"""Deployment files: both Dockerfiles lint clean, the compose file is valid compose-spec with a
+GPU profile, and the container's entry point (the app factory reading IMGSIM_* variables) serves
+the page, read-only on its public address until a key is set."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import io
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from app.main import create_app
+from tests.synthetic import noise_png
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,18 +31,32 @@ def tool(name: str) -> str:
     return path
 
 
-def test_dockerfile_passes_hadolint() -> None:
-    result = subprocess.run(
-        [tool("hadolint"), str(ROOT / "Dockerfile")], capture_output=True, text=True
-    )
+DOCKERFILES = ["Dockerfile", "Dockerfile.cuda"]
+
+
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_dockerfile_passes_hadolint(name: str) -> None:
+    result = subprocess.run([tool("hadolint"), str(ROOT / name)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_dockerfile_fetches_weights_runs_unprivileged_and_checks_health() -> None:
-    text = (ROOT / "Dockerfile").read_text()
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_dockerfile_fetches_weights_runs_unprivileged_and_checks_health(name: str) -> None:
+    text = (ROOT / name).read_text()
     assert "build_model(sys.argv[1], 'imagenet')" in text
-    assert "\nUSER 10001" in text and "HEALTHCHECK" in text and "/health" in text
-    assert '"app.main:create_app"' in text and "--factory" in text
+    assert "imgsim demo --no-serve --workdir /opt/demo" in text
+    final = text[text.rindex("\nFROM ") :]  # the stage that ships: copies, no build tools
+    assert "AS build" not in final and "pip install" not in final and "apt-get" not in final
+    assert "COPY --from=build /opt/venv" in final and "COPY --from=build /opt/torch" in final
+    assert "IMGSIM_BUNDLE_DIR=/opt/demo/bundle" in final and "IMGSIM_HOST=0.0.0.0" in final
+    assert "\nUSER 10001" in final and "HEALTHCHECK" in final and "/health" in final
+    assert '"app.main:create_app"' in final and "--factory" in final
+
+
+def test_the_cuda_image_installs_cuda_wheels() -> None:
+    text = (ROOT / "Dockerfile.cuda").read_text()
+    assert "download.pytorch.org/whl/${CUDA_WHEELS}" in text and "ARG CUDA_WHEELS=cu" in text
+    assert "NVIDIA_VISIBLE_DEVICES=all" in text
 
 
 def test_compose_file_is_valid_compose_spec() -> None:
@@ -54,9 +71,17 @@ def test_compose_file_is_valid_compose_spec() -> None:
         text=True,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    service = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["imgsim"]
-    assert "8000:8000" in service["ports"]
-    assert "imgsim-data:/data" in service["volumes"]
+    services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    cpu, gpu = services["imgsim"], services["imgsim-gpu"]
+    for service in (cpu, gpu):
+        assert "8000:8000" in service["ports"] and "imgsim-data:/data" in service["volumes"]
+        bundle = service["environment"]["IMGSIM_BUNDLE_DIR"]
+        assert bundle == "${IMGSIM_BUNDLE_DIR:-/opt/demo/bundle}"  # the image's demo bundle
+        assert "IMGSIM_API_KEY" in service["environment"]
+    assert "profiles" not in cpu and cpu["build"].get("dockerfile", "Dockerfile") == "Dockerfile"
+    assert gpu["profiles"] == ["gpu"] and gpu["build"]["dockerfile"] == "Dockerfile.cuda"
+    [device] = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
 
 
 def test_container_entry_point_serves_imagenet_without_a_bundle(
@@ -77,3 +102,22 @@ def test_container_entry_point_serves_imagenet_without_a_bundle(
         assert len(body["predictions"]) == 5 and body["predictions"][0]["label"] == body["label"]
         text = (ROOT / "tests" / "test_deploy.py").read_bytes()  # not an image
         assert client.post("/classify", files={"file": ("x.png", text)}).status_code == 422
+
+
+def test_container_serves_the_page_read_only_until_a_key_is_set(
+    untrained_bundle: Callable[[Path], Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("IMGSIM_BUNDLE_DIR", str(untrained_bundle(tmp_path / "bundle")))
+    monkeypatch.setenv("IMGSIM_HOST", "0.0.0.0")  # as the Dockerfile sets it
+    monkeypatch.setenv("IMGSIM_DEVICE", "cpu")
+    image = {"files": ("a.png", noise_png(1))}
+    with TestClient(create_app()) as client:
+        page = client.get("/")
+        assert page.status_code == 200 and "Search by image" in page.text
+        assert client.get("/static/app.js").status_code == 200
+        assert client.post("/images", files=image).status_code == 403
+    monkeypatch.setenv("IMGSIM_API_KEY", "compose-key")
+    with TestClient(create_app()) as client:
+        assert client.post("/images", files=image).status_code == 401
+        response = client.post("/images", files=image, headers={"x-api-key": "compose-key"})
+        assert response.status_code == 201

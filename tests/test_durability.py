@@ -12,6 +12,7 @@ window of a fifth of the cycle 74% of the time, and benchmarks/crash_recovery.py
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import signal
@@ -68,7 +69,9 @@ def check_recovered(url: str, index_dir: Path, acknowledged: dict[int, str]) -> 
         for item_id, sha256 in acknowledged.items():
             item = client.get(f"/images/{item_id}")
             assert item.status_code == 200, f"acknowledged image {item_id} was lost"
-            assert item.json()["sha256"] == sha256 and Path(item.json()["path"]).is_file()
+            assert item.json()["sha256"] == sha256
+            stored_file = client.get(item.json()["url"])
+            assert hashlib.sha256(stored_file.content).hexdigest() == sha256
         if not stored:
             return
         probe = max(stored)

@@ -43,7 +43,8 @@ def test_classify_and_similar_over_http(server: str, shapes_dir: Path) -> None:
     same = {"file": (image.name, buffer.getvalue(), "image/png")}
     similar = httpx.post(f"{server}/similar", params={"k": 3}, files=same, timeout=60).json()
     first = similar["neighbours"][0]
-    assert first["path"] == str(image.resolve()) and first["label"] == "triangle"
+    assert httpx.get(f"{server}{first['url']}", timeout=60).content == image.read_bytes()
+    assert first["label"] == "triangle"
     assert first["score"] == pytest.approx(1.0, abs=1e-4)
     assert len(similar["neighbours"]) == 3
 

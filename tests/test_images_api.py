@@ -65,7 +65,8 @@ def test_add_then_get_an_image(client: TestClient) -> None:
     assert added["duplicate_of"] is None
     item = client.get(f"/images/{added['id']}").json()
     assert item["external_id"] == "n-1" and item["label"] == "noise"
-    assert Path(item["path"]).read_bytes() == data  # the service keeps the upload
+    assert client.get(item["url"]).content == data  # the service keeps the upload
+    assert item["url"] == added["url"] == f"/images/{added['id']}/file" and "path" not in item
 
 
 def test_a_second_external_id_is_409(client: TestClient) -> None:
@@ -104,14 +105,15 @@ def test_a_near_duplicate_is_flagged_and_can_be_skipped(
     assert size(client) == before + 1
 
 
-def test_delete_then_it_is_gone(client: TestClient) -> None:
+def test_delete_then_it_is_gone(client: TestClient, settings: Settings) -> None:
     data = noise_png(8)
     [added] = client.post("/images", files=files(data)).json()["images"]
     item_id = added["id"]
     found = client.post("/similar?k=5", files={"file": ("q.png", reencoded(data))}).json()
     assert found["neighbours"][0]["id"] == item_id
     assert client.delete(f"/images/{item_id}").status_code == 204
-    assert not Path(added["path"]).exists()
+    kept = settings.resolved_index_dir() / "images" / f"{added['sha256']}.png"
+    assert not kept.exists() and client.get(added["url"]).status_code == 404
     found = client.post("/similar?k=100", files={"file": ("q.png", reencoded(data))}).json()
     assert item_id not in [n["id"] for n in found["neighbours"]]
     for response in (

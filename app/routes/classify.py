@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
+from app.auth import write_policy
 from app.dependencies import ImageDep, ServiceDep
 from app.routes import ERRORS
 from app.schemas import ClassifyResponse, Health, Prediction
@@ -24,6 +25,8 @@ def health(service: ServiceDep) -> Health:
         device=bundle.device,
         model=bundle.fingerprint,
         index_size=len(gallery) if gallery is not None else None,
+        image_size=bundle.config.preprocessing.crop_size,
+        writes=write_policy(service.settings),
     )
 
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Form, Path, Query, Response
+from fastapi import APIRouter, Depends, Form, Query, Response
 
+from app.auth import require_writer
 from app.dependencies import ServiceDep, UploadDep, UploadsDep
 from app.errors import InvalidRequest, NoIndex
-from app.routes import ERRORS
+from app.routes import ERRORS, ItemId
 from app.schemas import (
     AddedImage,
     AddImagesResponse,
@@ -29,7 +30,7 @@ router = APIRouter()
 
 K = Annotated[int, Query(ge=1, le=100)]
 LabelFilter = Annotated[str | None, Query(description="only images with this label", min_length=1)]
-ItemId = Annotated[int, Path(description="the image's id", ge=0, le=2**63 - 1)]
+WRITER = [Depends(require_writer)]  # API key, or open writes (see app/auth.py)
 NO_INDEX = "no index is loaded: build one with 'imgsim index GALLERY_DIR' and restart"
 
 
@@ -57,7 +58,7 @@ def similar(
     return _similar(service, found[0])
 
 
-@router.post("/images", status_code=201, responses=ERRORS)
+@router.post("/images", status_code=201, responses=ERRORS, dependencies=WRITER)
 def add_images(
     service: ServiceDep,
     uploads: UploadsDep,
@@ -94,7 +95,6 @@ def add_images(
                 id=a.id,
                 external_id=item.external_id,
                 label=item.label,
-                path=item.path if a.id is not None else None,
                 sha256=u.sha256,
                 duplicate_of=Duplicate(id=a.duplicate_of, score=a.duplicate_score)
                 if a.duplicate_of is not None and a.duplicate_score is not None
@@ -114,7 +114,7 @@ def get_image(service: ServiceDep, item_id: ItemId) -> ImageItem:
     return ImageItem(**vars(service.gallery.get(item_id)))
 
 
-@router.delete("/images/{item_id}", status_code=204, responses=ERRORS)
+@router.delete("/images/{item_id}", status_code=204, responses=ERRORS, dependencies=WRITER)
 def delete_image(service: ServiceDep, item_id: ItemId) -> Response:
     """Remove a stored image; it is never returned by a search that starts afterwards."""
     if service.gallery is None:
