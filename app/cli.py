@@ -17,11 +17,17 @@ from index.errors import IndexProblem
 from models.backbones import INSTALLED_BACKBONE
 from models.errors import ImgsimError
 from models.layout import BundleLayout
+from models.runtime import RUNTIMES
 
 log = logging.getLogger("imgsim")
 INIT_FROM_HELP = (
     "start from this bundle's trunk (and projection) with DATA_DIR's classes; its backbone and "
     "preprocessing are used, --weights is ignored"
+)
+RUNTIME_HELP = (
+    "where the network runs: auto (ONNX Runtime on the CPU, PyTorch on a GPU), torch, onnx, or "
+    "onnx-int8 (quantised, calibrated on the bundle's training images; see 'imgsim quantize'); "
+    "exports are kept in the bundle folder (default: %(default)s)"
 )
 EVAL_GALLERY_HELP = (
     "gallery to search (default: BUNDLE/index when it exists, else leave-one-out over DATA_DIR's "
@@ -37,6 +43,7 @@ collection with FAISS, and serve POST /classify and POST /similar.
   imgsim index  GALLERY_DIR --model BUNDLE  embed a folder into an index (default BUNDLE/index)
   imgsim eval   DATA_DIR --model BUNDLE     report on held-out class folders (BUNDLE/eval)
   imgsim serve  --model BUNDLE              serve it on http://127.0.0.1:8000 (docs at /docs)
+  imgsim quantize BUNDLE                    int8 ONNX model for --runtime onnx-int8
   imgsim demo                               sample data -> train -> index -> serve
 """
 
@@ -214,6 +221,7 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
     _path(parser, "--model", "BUNDLE", "trained bundle folder")
     _path(parser, "--index", "DIR", "index folder (default: BUNDLE/index when it exists)")
     _address(parser)
+    parser.add_argument("--runtime", default="auto", choices=RUNTIMES, help=RUNTIME_HELP)
     _common(parser)
 
 
@@ -227,8 +235,29 @@ def _run_serve(args: argparse.Namespace) -> None:
         backbone=args.backbone,
         weights=args.weights,
         device=args.device,
+        runtime=args.runtime,
     )
     serve(settings, args.host, args.port)
+
+
+def _quantize_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("bundle", type=Path, metavar="BUNDLE")
+    _path(
+        parser,
+        "--calibration",
+        "DIR",
+        "calibrate on the images below DIR (default: the training split of the folder the "
+        "bundle was trained on, as recorded in its config.json)",
+    )
+
+
+def _run_quantize(args: argparse.Namespace) -> None:
+    from models.bundle import Bundle
+
+    bundle = Bundle.load(args.bundle, "cpu")
+    bundle.use_runtime("onnx-int8", calibration=args.calibration)
+    print(f"int8 model written to {BundleLayout(args.bundle).onnx_int8}; serve it with "
+          f"'imgsim serve --model {args.bundle} --runtime onnx-int8'")  # fmt: skip
 
 
 def _demo_arguments(parser: argparse.ArgumentParser) -> None:
@@ -284,6 +313,15 @@ COMMANDS: dict[str, tuple[str, str, Callable[[argparse.ArgumentParser], None], C
         "--index if given (built with the same backbone).",
         _serve_arguments,
         _run_serve,
+    ),
+    "quantize": (
+        "make the int8 model of a bundle for --runtime onnx-int8",
+        "Export BUNDLE's network to ONNX and quantise it statically to int8 (per-channel "
+        "weights), calibrating activation ranges on up to 128 of its training images, or on "
+        "--calibration DIR's. Written to BUNDLE/model.int8.onnx; 'imgsim serve --runtime "
+        "onnx-int8' would make it on first start too.",
+        _quantize_arguments,
+        _run_quantize,
     ),
     "demo": (
         "the built-in default: sample data, train, serve",

@@ -11,6 +11,7 @@ from models.backbones import DEFAULT_BACKBONE, check_backbone
 from models.devices import DEVICES
 from models.images import DEFAULT_MAX_PIXELS
 from models.layout import BundleLayout
+from models.runtime import check_runtime
 
 
 class Settings(BaseSettings):
@@ -23,6 +24,9 @@ class Settings(BaseSettings):
     backbone: str = DEFAULT_BACKBONE
     weights: str = "imagenet"
     device: str = "auto"
+    runtime: str = Field(
+        "auto", description="auto, torch, onnx or onnx-int8; auto: ONNX Runtime on the CPU"
+    )
     max_upload_bytes: int = Field(20 * 1024 * 1024, gt=0)
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, gt=0)
     duplicate_threshold: float = Field(
@@ -59,6 +63,11 @@ class Settings(BaseSettings):
         if value not in DEVICES and not value.startswith("cuda:"):
             raise ValueError(f"device must be one of {', '.join(DEVICES)}")
         return value
+
+    @field_validator("runtime")
+    @classmethod
+    def _known_runtime(cls, value: str) -> str:
+        return check_runtime(value)
 
     def resolved_index_dir(self) -> Path | None:
         """The index folder to serve: the one given, else BUNDLE/index when a bundle is given."""
