@@ -11,6 +11,7 @@ gains: benchmarks/runtime_accuracy.md.
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -94,15 +95,30 @@ def open_runtime(
     efficientnet_lite0, benchmarks/runtime_accuracy.md), PyTorch on a GPU. threads: ONNX
     Runtime's intra-op threads (default: its own, one per physical core)."""
     name = check_runtime(name)
-    if name == "auto":
-        name = "onnx" if bundle.device == "cpu" and _has_onnxruntime() else "torch"
-    if name == "torch":
+    if name == "torch" or (name == "auto" and (bundle.device != "cpu" or not _has_onnxruntime())):
         return TorchRuntime(bundle.net, bundle.device)
+    if name == "auto":
+        try:
+            return _onnx_runtime(bundle, "onnx", threads, None)
+        except (BundleError, RuntimeError, OSError) as err:
+            log.warning("runtime auto: no ONNX model (%s); running PyTorch", err)
+            return TorchRuntime(bundle.net, bundle.device)
     if bundle.device != "cpu":
         raise ValueError(f"runtime {name!r} runs on the CPU; serve with --device cpu")
     if not _has_onnxruntime():
         raise ValueError(f"runtime {name!r} needs the onnxruntime package; use --runtime torch")
-    layout = BundleLayout(bundle.directory or Path(_scratch_folder()))
+    return _onnx_runtime(bundle, name, threads, calibration)
+
+
+def _onnx_runtime(
+    bundle: Bundle, name: str, threads: int | None, calibration: Path | None
+) -> OnnxRuntime:
+    folder = bundle.directory
+    if folder is None or not os.access(folder, os.W_OK):
+        if folder is not None:
+            log.warning("%s is read-only: the ONNX export is made in a temporary folder", folder)
+        folder = Path(_scratch_folder())
+    layout = BundleLayout(folder)
     fp32 = exported(bundle, layout.onnx)
     if name == "onnx":
         return OnnxRuntime(fp32, name, threads)
