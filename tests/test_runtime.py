@@ -138,3 +138,13 @@ def test_quantize_command_with_a_calibration_folder(
     assert main(["quantize", str(tmp_path / "plain"), "--calibration", str(shapes_dir)]) == 0
     assert "--runtime onnx-int8" in capsys.readouterr().out
     assert BundleLayout(tmp_path / "plain").onnx_int8.is_file()
+
+
+def test_auto_runs_pytorch_when_the_export_fails(bundle_dir: Path, monkeypatch):
+    def broken(bundle: Bundle, path: Path) -> Path:
+        raise BundleError("the ONNX export differs from PyTorch")
+
+    monkeypatch.setattr("models.runtime.exported", broken)
+    assert Bundle.load(bundle_dir, "cpu").use_runtime("auto") == "torch"
+    with pytest.raises(BundleError, match="differs"):
+        Bundle.load(bundle_dir, "cpu").use_runtime("onnx")
