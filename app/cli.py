@@ -187,6 +187,13 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
         "--knn-k", type=positive, default=5, help="neighbours in the vote (default: %(default)s)"
     )
     add_options(parser, ("target_precision", "batch_size", "workers", "device"))
+    parser.add_argument(
+        "--runtime",
+        default="torch",
+        choices=RUNTIMES,
+        help="the runtime whose answers to measure, e.g. onnx-int8 against the index built "
+        "with PyTorch (default: %(default)s)",
+    )
 
 
 def _run_eval(args: argparse.Namespace) -> None:
@@ -204,6 +211,7 @@ def _run_eval(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         workers=args.workers,
         device=args.device,
+        runtime=args.runtime,
     )
     retrieval = report["retrieval"]
     print(
