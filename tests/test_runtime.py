@@ -148,3 +148,17 @@ def test_auto_runs_pytorch_when_the_export_fails(bundle_dir: Path, monkeypatch):
     assert Bundle.load(bundle_dir, "cpu").use_runtime("auto") == "torch"
     with pytest.raises(BundleError, match="differs"):
         Bundle.load(bundle_dir, "cpu").use_runtime("onnx")
+
+
+def test_eval_measures_the_runtime_asked_for(bundle_dir: Path, shapes_dir: Path, tmp_path: Path):
+    from app.stages import evaluate_folder
+
+    reports = {
+        name: evaluate_folder(
+            shapes_dir, bundle_dir, tmp_path / name, use_index=False, device="cpu", runtime=name
+        )
+        for name in ("torch", "onnx")
+    }
+    assert BundleLayout(bundle_dir).onnx.is_file()
+    assert reports["onnx"]["top1"] == reports["torch"]["top1"]
+    assert reports["onnx"]["retrieval"] == pytest.approx(reports["torch"]["retrieval"])
