@@ -17,11 +17,17 @@ from index.errors import IndexProblem
 from models.backbones import INSTALLED_BACKBONE
 from models.errors import ImgsimError
 from models.layout import BundleLayout
+from models.runtime import RUNTIMES
 
 log = logging.getLogger("imgsim")
 INIT_FROM_HELP = (
     "start from this bundle's trunk (and projection) with DATA_DIR's classes; its backbone and "
     "preprocessing are used, --weights is ignored"
+)
+RUNTIME_HELP = (
+    "where the network runs: auto (ONNX Runtime on the CPU, PyTorch on a GPU), torch, onnx, or "
+    "onnx-int8 (quantised, calibrated on the bundle's training images; see 'imgsim quantize'); "
+    "exports are kept in the bundle folder (default: %(default)s)"
 )
 EVAL_GALLERY_HELP = (
     "gallery to search (default: BUNDLE/index when it exists, else leave-one-out over DATA_DIR's "
@@ -38,6 +44,7 @@ collection with FAISS, and serve POST /classify and POST /similar.
   imgsim eval   DATA_DIR --model BUNDLE     report on held-out class folders (BUNDLE/eval)
   imgsim serve  --model BUNDLE              serve it on http://127.0.0.1:8000 (docs at /docs)
   imgsim backup INDEX_DIR DEST              copy an index consistently, even while served
+  imgsim quantize BUNDLE                    int8 ONNX model for --runtime onnx-int8
   imgsim demo                               sample data -> train -> index -> serve
 """
 
@@ -181,6 +188,13 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
         "--knn-k", type=positive, default=5, help="neighbours in the vote (default: %(default)s)"
     )
     add_options(parser, ("target_precision", "batch_size", "workers", "device"))
+    parser.add_argument(
+        "--runtime",
+        default="torch",
+        choices=RUNTIMES,
+        help="the runtime whose answers to measure, e.g. onnx-int8 against the index built "
+        "with PyTorch (default: %(default)s)",
+    )
 
 
 def _run_eval(args: argparse.Namespace) -> None:
@@ -198,6 +212,7 @@ def _run_eval(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         workers=args.workers,
         device=args.device,
+        runtime=args.runtime,
     )
     retrieval = report["retrieval"]
     print(
@@ -221,6 +236,7 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="on a non-loopback --host without IMGSIM_API_KEY, let anyone add and delete "
         "images (default: the service is read-only there)",
     )
+    parser.add_argument("--runtime", default="auto", choices=RUNTIMES, help=RUNTIME_HELP)
     _common(parser)
 
 
@@ -235,6 +251,7 @@ def _run_serve(args: argparse.Namespace) -> None:
         weights=args.weights,
         device=args.device,
         **({"allow_open_writes": True} if args.allow_open_writes else {}),
+        runtime=args.runtime,
     )
     serve(settings, args.host, args.port)
 
@@ -249,6 +266,26 @@ def _run_backup(args: argparse.Namespace) -> None:
 
     count = backup_collection(args.index_dir, args.dest)
     print(f"backed up {count} items of {args.index_dir} to {args.dest}")
+
+
+def _quantize_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("bundle", type=Path, metavar="BUNDLE")
+    _path(
+        parser,
+        "--calibration",
+        "DIR",
+        "calibrate on the images below DIR (default: the training split of the folder the "
+        "bundle was trained on, as recorded in its config.json)",
+    )
+
+
+def _run_quantize(args: argparse.Namespace) -> None:
+    from models.bundle import Bundle
+
+    bundle = Bundle.load(args.bundle, "cpu")
+    bundle.use_runtime("onnx-int8", calibration=args.calibration)
+    print(f"int8 model written to {BundleLayout(args.bundle).onnx_int8}; serve it with "
+          f"'imgsim serve --model {args.bundle} --runtime onnx-int8'")  # fmt: skip
 
 
 def _demo_arguments(parser: argparse.ArgumentParser) -> None:
@@ -312,6 +349,15 @@ COMMANDS: dict[str, tuple[str, str, Callable[[argparse.ArgumentParser], None], C
         "server and put DEST in place of INDEX_DIR.",
         _backup_arguments,
         _run_backup,
+    ),
+    "quantize": (
+        "make the int8 model of a bundle for --runtime onnx-int8",
+        "Export BUNDLE's network to ONNX and quantise it statically to int8 (per-channel "
+        "weights), calibrating activation ranges on up to 128 of its training images, or on "
+        "--calibration DIR's. Written to BUNDLE/model.int8.onnx; 'imgsim serve --runtime "
+        "onnx-int8' would make it on first start too.",
+        _quantize_arguments,
+        _run_quantize,
     ),
     "demo": (
         "the built-in default: sample data, train, serve",

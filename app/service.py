@@ -76,6 +76,7 @@ def load_service(settings: Settings) -> Service:
         bundle = Bundle.load(settings.bundle_dir, settings.device)
     else:
         bundle = Bundle.pretrained(settings.backbone, settings.weights, settings.device)
+    bundle.use_runtime(settings.runtime)
     index_dir = settings.resolved_index_dir()
     gallery = None
     if settings.index_dir is not None or (index_dir is not None and index_dir.exists()):
@@ -87,11 +88,12 @@ def load_service(settings: Settings) -> Service:
             thorough_check=settings.thorough_index_check,
         )
     log.info(
-        "serving %s (%s, %d classes) on %s; index: %s",
+        "serving %s (%s, %d classes) on %s with %s; index: %s",
         bundle.config.backbone,
         bundle.fingerprint,
         len(bundle.config.classes),
         bundle.device,
+        bundle.runtime.name,
         f"{len(gallery)} items" if gallery is not None else "none",
     )
     return Service(settings, bundle, gallery)

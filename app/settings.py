@@ -12,6 +12,7 @@ from models.backbones import DEFAULT_BACKBONE, check_backbone
 from models.devices import DEVICES
 from models.images import DEFAULT_MAX_PIXELS
 from models.layout import BundleLayout
+from models.runtime import check_runtime
 
 
 class Settings(BaseSettings):
@@ -24,6 +25,9 @@ class Settings(BaseSettings):
     backbone: str = DEFAULT_BACKBONE
     weights: str = "imagenet"
     device: str = "auto"
+    runtime: str = Field(
+        "auto", description="auto, torch, onnx or onnx-int8; auto: ONNX Runtime on the CPU"
+    )
     max_upload_bytes: int = Field(20 * 1024 * 1024, gt=0, description="bytes of one image")
     max_request_bytes: int = Field(
         64 * 1024 * 1024, gt=0, description="bytes of a whole request body, checked before reading"
@@ -87,6 +91,11 @@ class Settings(BaseSettings):
         if value not in DEVICES and not value.startswith("cuda:"):
             raise ValueError(f"device must be one of {', '.join(DEVICES)}")
         return value
+
+    @field_validator("runtime")
+    @classmethod
+    def _known_runtime(cls, value: str) -> str:
+        return check_runtime(value)
 
     def resolved_index_dir(self) -> Path | None:
         """The index folder to serve: the one given, else BUNDLE/index when a bundle is given."""

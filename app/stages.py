@@ -166,6 +166,7 @@ def evaluate_folder(
     batch_size: int = BATCH_SIZE,
     workers: int = WORKERS,
     device: str = "auto",
+    runtime: str = "torch",
 ) -> dict[str, Any]:
     """Evaluate a bundle on held-out class folders; write report.json and report.html.
 
@@ -173,6 +174,7 @@ def evaluate_folder(
     the evaluation images themselves, each query leaving itself out.
     """
     bundle = Bundle.load(bundle_dir, device)
+    bundle.use_runtime(runtime)
     images = list_eval_images(data_dir)
     if not images.paths:
         raise DatasetError(f"{data_dir} has no class subfolders with readable images to evaluate")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -42,6 +42,7 @@ from models.network import (
     build_imagenet_net,
     build_net,
 )
+from models.runtime import Runtime, TorchRuntime, open_runtime
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +121,8 @@ class Bundle:
         self.device = resolve_device(device)
         self.net = net.to(self.device).eval()
         self.fingerprint = fingerprint_of(self.net.state_dict())
+        self.directory: Path | None = None  # the folder it was loaded from, if any
+        self.runtime: Runtime = TorchRuntime(self.net, self.device)
 
     @property
     def embedding_dim(self) -> int:
@@ -167,12 +170,22 @@ class Bundle:
         except RuntimeError as err:
             raise BundleError(f"{weights_path} does not match {config_path}: {err}") from err
         bundle = cls(config, net, device)
+        bundle.directory = directory
         if raw.get("fingerprint") not in (None, bundle.fingerprint):
             raise BundleError(
                 f"{weights_path} has changed since the bundle was saved (fingerprint "
                 f"{bundle.fingerprint}, config says {raw['fingerprint']}). Re-save or retrain it."
             )
         return bundle
+
+    def use_runtime(
+        self, name: str = "auto", threads: int | None = None, calibration: Path | None = None
+    ) -> str:
+        """Run every later forward with the named runtime (models.runtime.RUNTIMES), exporting
+        it into the bundle folder on first use; returns the runtime chosen (auto resolved)."""
+        self.runtime = open_runtime(self, name, threads, calibration)
+        log.info("runtime: %s", self.runtime.name)
+        return self.runtime.name
 
     def decode(self, source: Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
         """Decode a file or upload the way every stage does (see models.data.decode)."""
@@ -203,6 +216,27 @@ class Bundle:
         batches. workers > 0 decodes in DataLoader processes, with a progress bar. With
         skip_unreadable, an image that cannot be decoded is left out and listed in `failed`
         instead of raising UnsupportedImage."""
+        embeddings = [np.zeros((0, self.embedding_dim), np.float32)]
+        logits = [np.zeros((0, len(self.config.classes)), np.float32)]
+        reasons: list[str] = []
+        for x, why in self.batches(inputs, batch_size, workers, skip_unreadable):
+            embedded, logit = self.runtime(x)
+            embeddings.append(embedded)
+            logits.append(logit)
+            reasons += why
+        kept = [i for i, why in enumerate(reasons) if not why]
+        failed = [(i, why) for i, why in enumerate(reasons) if why]
+        return Encoded(np.concatenate(embeddings)[kept], np.concatenate(logits)[kept], failed)
+
+    def batches(
+        self,
+        inputs: Input | Sequence[Input],
+        batch_size: int = BATCH_SIZE,
+        workers: int = 0,
+        skip_unreadable: bool = False,
+    ) -> Iterator[tuple[torch.Tensor, list[str]]]:
+        """The preprocessed batches encode runs (and int8 calibration reads): normalised images
+        (N, 3, S, S) on the CPU with, per image, why it could not be read ('' if it could)."""
         many = [inputs] if isinstance(inputs, Input) else list(inputs)
         pre = self.config.preprocessing
         dataset = Readable(ImageDataset(many, pre, eval_transform(pre)), pre.crop_size)
@@ -212,19 +246,10 @@ class Bundle:
             num_workers=workers,
             pin_memory=self.device.startswith("cuda"),
         )
-        embeddings = [np.zeros((0, self.embedding_dim), np.float32)]
-        logits = [np.zeros((0, len(self.config.classes)), np.float32)]
-        reasons: list[str] = []
         for x, _, why in tqdm(loader, desc="encoding", unit="batch", disable=workers == 0):
             if any(why) and not skip_unreadable:
                 raise UnsupportedImage(next(reason for reason in why if reason))
-            out = self.net(x.to(self.device))
-            embeddings.append(out.embedding.float().cpu().numpy())
-            logits.append(out.logits.float().cpu().numpy())
-            reasons += why
-        kept = [i for i, why in enumerate(reasons) if not why]
-        failed = [(i, why) for i, why in enumerate(reasons) if why]
-        return Encoded(np.concatenate(embeddings)[kept], np.concatenate(logits)[kept], failed)
+            yield x, list(why)
 
 
 @dataclass

@@ -12,6 +12,8 @@ _NAMES = {
     "checkpoint": "checkpoint.pt",
     "index": "index",
     "eval": "eval",
+    "onnx": "model.onnx",
+    "onnx_int8": "model.int8.onnx",
 }
 
 
@@ -26,6 +28,8 @@ class BundleLayout:
     checkpoint: Path = field(init=False)  # what an interrupted run resumes from
     index: Path = field(init=False)  # the gallery index built with this bundle
     eval: Path = field(init=False)  # the evaluation report folder
+    onnx: Path = field(init=False)  # the network exported for ONNX Runtime (models/runtime.py)
+    onnx_int8: Path = field(init=False)  # the same, statically quantised to int8
 
     def __post_init__(self) -> None:
         for part, name in _NAMES.items():

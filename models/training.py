@@ -85,6 +85,7 @@ def _train(
         threshold=threshold,
         extra={
             "training": asdict(config),
+            "data_dir": str(data_dir.resolve()),  # int8 calibration reads its training split
             "best_epoch": run.best_epoch,
             "val_top1": run.best_key[0] if run.best_val is not None else None,
             "train_images": len(train_set),

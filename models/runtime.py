@@ -1,0 +1,332 @@
+"""Where a bundle's forward pass runs: eager PyTorch, or its ONNX export under ONNX Runtime
+(fp32, or int8 statically quantised on the bundle's own training images).
+
+A runtime is a callable from a preprocessed batch (N, 3, S, S) to float32 numpy embeddings
+(N, D) and logits (N, C); `Bundle.encode` calls it, so every stage gets it. The exports live in
+the bundle folder (`BundleLayout.onnx`, `.onnx_int8`), made once and reused while their recorded
+fingerprint is the bundle's: a retrained bundle is exported again. What each runtime costs and
+gains: benchmarks/runtime_accuracy.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from models.errors import BundleError
+from models.files import atomic_write
+from models.layout import BundleLayout
+from models.network import EmbeddingNet
+
+if TYPE_CHECKING:
+    import onnxruntime
+
+    from models.bundle import Bundle
+
+log = logging.getLogger(__name__)
+
+RUNTIMES = ("auto", "torch", "onnx", "onnx-int8")
+OPSET = 17
+CALIBRATION_IMAGES = 128  # images the int8 ranges are calibrated on (seeded choice)
+FINGERPRINT_KEY = "imgsim_fingerprint"  # ONNX metadata: the weights the file was made from
+RECIPE_KEY = "imgsim_recipe"  # ONNX metadata: how it was made; another recipe is made again
+EXPORT_RECIPE = f"torchscript-opset{OPSET}"
+# On CPUs without VNNI (AVX2, as on the machine measured) uint8 x int8 products saturate in
+# VPMADDUBSW; 7-bit weights (reduce_range) avoid it. Measured on efficientnet_lite0 (Tux Paint
+# test drawings): top-1 agreement with fp32 84 % without it, 96 % with it, at the same speed.
+# QOperator failed to quantise the graph ("Graph is not a DAG"); u8u8 was 4x slower.
+INT8_RECIPE = "qdq-u8s8-per-channel-reduce-range-minmax"
+# Largest differences an export may show against PyTorch on the check batch (measured: ~4e-7
+# on embeddings, ~2e-6 on logits, which the cosine head scales by 1/temperature).
+EMBEDDING_TOLERANCE = 1e-4
+LOGIT_TOLERANCE = 2e-3
+
+
+class Runtime(Protocol):
+    """A forward pass: normalised images in, float32 embeddings and logits out."""
+
+    name: str
+
+    def __call__(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+def check_runtime(name: str) -> str:
+    """The name if it is a runtime; ValueError listing the valid ones if not."""
+    if name not in RUNTIMES:
+        raise ValueError(f"unknown runtime {name!r}; choose one of: {', '.join(RUNTIMES)}")
+    return name
+
+
+class TorchRuntime:
+    """Eager PyTorch on the bundle's device."""
+
+    name = "torch"
+
+    def __init__(self, net: EmbeddingNet, device: str):
+        self.net, self.device = net, device
+
+    @torch.inference_mode()
+    def __call__(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        out = self.net(images.to(self.device))
+        return out.embedding.float().cpu().numpy(), out.logits.float().cpu().numpy()
+
+
+class OnnxRuntime:
+    """An exported model under ONNX Runtime on the CPU."""
+
+    def __init__(self, path: Path, name: str, threads: int | None = None):
+        self.name, self.path = name, path
+        self.session = _session(path, threads)
+
+    def __call__(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        array = images.detach().cpu().numpy().astype(np.float32, copy=False)
+        embeddings, logits = self.session.run(None, {"images": array})
+        return embeddings, logits
+
+
+def open_runtime(
+    bundle: Bundle, name: str, threads: int | None = None, calibration: Path | None = None
+) -> Runtime:
+    """The named runtime for this bundle, exporting (and quantising) on first use.
+
+    auto: ONNX Runtime fp32 on the CPU when onnxruntime imports (2.1x eager PyTorch's speed at
+    batch 1 and 4.9x at 32 on efficientnet_lite0, benchmarks/runtime_accuracy.md), PyTorch on a
+    GPU. threads: ONNX
+    Runtime's intra-op threads (default: its own, one per physical core)."""
+    name = check_runtime(name)
+    if name == "torch" or (name == "auto" and (bundle.device != "cpu" or not _has_onnxruntime())):
+        return TorchRuntime(bundle.net, bundle.device)
+    if name == "auto":
+        try:
+            return _onnx_runtime(bundle, "onnx", threads, None)
+        except (BundleError, RuntimeError, OSError) as err:
+            log.warning("runtime auto: no ONNX model (%s); running PyTorch", err)
+            return TorchRuntime(bundle.net, bundle.device)
+    if bundle.device != "cpu":
+        raise ValueError(f"runtime {name!r} runs on the CPU; serve with --device cpu")
+    if not _has_onnxruntime():
+        raise ValueError(f"runtime {name!r} needs the onnxruntime package; use --runtime torch")
+    return _onnx_runtime(bundle, name, threads, calibration)
+
+
+def _onnx_runtime(
+    bundle: Bundle, name: str, threads: int | None, calibration: Path | None
+) -> OnnxRuntime:
+    folder = bundle.directory
+    if folder is None or not os.access(folder, os.W_OK):
+        if folder is not None:
+            log.warning("%s is read-only: the ONNX export is made in a temporary folder", folder)
+        folder = Path(_scratch_folder())
+    layout = BundleLayout(folder)
+    fp32 = exported(bundle, layout.onnx)
+    if name == "onnx":
+        return OnnxRuntime(fp32, name, threads)
+    return OnnxRuntime(quantized(bundle, fp32, layout.onnx_int8, calibration), name, threads)
+
+
+def exported(bundle: Bundle, path: Path) -> Path:
+    """path, holding this bundle's ONNX export: reused if made from the same weights, else
+    exported again and checked against PyTorch."""
+    if _made_of(path) == (bundle.fingerprint, EXPORT_RECIPE):
+        return path
+    log.info("exporting %s to ONNX at %s", bundle.config.backbone, path)
+    size = bundle.config.preprocessing.crop_size
+    example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    atomic_write(path, lambda tmp: _export(bundle.net, example, tmp, bundle.fingerprint))
+    _check_export(bundle.net, path, example)
+    return path
+
+
+def quantized(bundle: Bundle, fp32: Path, path: Path, calibration: Path | None = None) -> Path:
+    """path, holding the int8 model: reused if made from the same weights (and no calibration
+    folder is given), else quantised statically from fp32, calibrated on the bundle's training
+    images (or calibration's)."""
+    if calibration is None and _made_of(path) == (bundle.fingerprint, INT8_RECIPE):
+        return path
+    from onnxruntime.quantization import CalibrationDataReader, quant_pre_process
+
+    images = calibration_images(bundle, calibration)
+    log.info("quantising %s to int8 on %d calibration images", fp32.name, len(images))
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = _calibration_batches(bundle, images)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.batches, None)
+
+    with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
+        prepared = Path(scratch) / "prepared.onnx"
+        quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
+        atomic_write(path, lambda tmp: _quantize(prepared, tmp, Reader(), bundle.fingerprint))
+    return path
+
+
+def calibration_images(bundle: Bundle, folder: Path | None = None) -> list[Path]:
+    """Up to CALIBRATION_IMAGES images (a seeded choice): below folder if given, else the
+    training split of the folder the bundle was trained on, as its config records it."""
+    from models.data import find_images, load_splits
+
+    if folder is not None:
+        if not folder.is_dir():
+            raise BundleError(f"calibration folder {folder} does not exist.")
+        paths = find_images(folder)
+    else:
+        extra = bundle.config.extra
+        data_dir = extra.get("data_dir")
+        if data_dir is None or not Path(data_dir).is_dir():
+            raise BundleError(_NO_CALIBRATION.format(where=data_dir or "not recorded"))
+        training = extra.get("training", {})
+        split = load_splits(
+            Path(data_dir), training.get("val_fraction", 0.2), training.get("seed", 0)
+        )
+        paths = [sample.path for sample in split[1]]
+    if not paths:
+        raise BundleError(_NO_CALIBRATION.format(where=f"{folder} has no images"))
+    rng = np.random.default_rng(0)
+    chosen = rng.permutation(len(paths))[:CALIBRATION_IMAGES]
+    return [paths[i] for i in sorted(chosen)]
+
+
+_NO_CALIBRATION = (
+    "int8 quantisation is calibrated on the bundle's training images, and none were found "
+    "(training folder: {where}). Pass a folder of images like those it will serve, e.g. "
+    "'imgsim quantize BUNDLE --calibration DATA_DIR', or serve with --runtime onnx."
+)
+
+
+def _calibration_batches(bundle: Bundle, images: list[Path]) -> Iterator[dict[str, np.ndarray]]:
+    for x, why in bundle.batches(images, skip_unreadable=True):
+        readable = [i for i, reason in enumerate(why) if not reason]
+        if readable:
+            yield {"images": x[readable].numpy()}
+
+
+class _Exported(nn.Module):
+    """The network with plain tensor outputs, as ONNX needs them."""
+
+    def __init__(self, net: EmbeddingNet):
+        super().__init__()
+        self.net = net
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.net(images)
+        return out.embedding, out.logits
+
+
+def _export(net: EmbeddingNet, example: torch.Tensor, path: Path, fingerprint: str) -> None:
+    # The TorchScript exporter: 0.4 s for a small network where the dynamo one took 5 s, and
+    # the same ONNX Runtime speed; serving exports on first start.
+    batch = {0: "batch"}
+    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", "You are using the legacy TorchScript", DeprecationWarning
+        )
+        torch.onnx.export(
+            _Exported(net).eval(),
+            (example,),
+            str(path),
+            input_names=["images"],
+            output_names=["embedding", "logits"],
+            dynamic_axes={"images": batch, "embedding": batch, "logits": batch},
+            opset_version=OPSET,
+            dynamo=False,
+        )
+    _stamp(path, fingerprint, EXPORT_RECIPE)
+
+
+def _quantize(prepared: Path, path: Path, reader: object, fingerprint: str) -> None:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    quantize_static(
+        str(prepared),
+        str(path),
+        reader,
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        reduce_range=True,
+        calibrate_method=CalibrationMethod.MinMax,
+    )
+    _stamp(path, fingerprint, INT8_RECIPE)
+
+
+def _stamp(path: Path, fingerprint: str, recipe: str) -> None:
+    """Record the bundle fingerprint and the recipe in the model's metadata."""
+    import onnx
+
+    model = onnx.load(str(path))
+    for key, value in ((FINGERPRINT_KEY, fingerprint), (RECIPE_KEY, recipe)):
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(model, str(path))
+
+
+def _made_of(path: Path) -> tuple[str | None, str | None]:
+    """The (fingerprint, recipe) a model file records; (None, None) for no file."""
+    if not path.is_file():
+        return None, None
+    import onnx
+
+    props = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    return props.get(FINGERPRINT_KEY), props.get(RECIPE_KEY)
+
+
+def _check_export(net: EmbeddingNet, path: Path, example: torch.Tensor) -> None:
+    with torch.inference_mode():
+        out = net(example)
+    embeddings, logits = OnnxRuntime(path, "onnx")(example)
+    gaps = (
+        float(np.abs(embeddings - out.embedding.numpy()).max()),
+        float(np.abs(logits - out.logits.numpy()).max()),
+    )
+    if gaps[0] > EMBEDDING_TOLERANCE or gaps[1] > LOGIT_TOLERANCE:
+        path.unlink()
+        raise BundleError(
+            f"the ONNX export differs from PyTorch by {gaps[0]:.2g} (embeddings) and "
+            f"{gaps[1]:.2g} (logits); serve this bundle with --runtime torch."
+        )
+    log.info("ONNX export matches PyTorch within %.2g (embeddings), %.2g (logits)", *gaps)
+
+
+def _session(path: Path, threads: int | None) -> onnxruntime.InferenceSession:
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    # Idle threads sleep instead of spinning: on 2 busy cores spinning took time from the
+    # request threads and from itself (efficientnet_lite0 batch 1: 14.0 ms spinning, 9.1 not).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _has_onnxruntime() -> bool:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+_SCRATCH: list[tempfile.TemporaryDirectory] = []
+
+
+def _scratch_folder() -> str:
+    """A folder for the exports of a bundle with none (the pretrained ImageNet model), kept
+    for the life of the process."""
+    if not _SCRATCH:
+        _SCRATCH.append(tempfile.TemporaryDirectory(prefix="imgsim-onnx-"))
+    return _SCRATCH[0].name

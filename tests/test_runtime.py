@@ -1,0 +1,164 @@
+"""The ONNX Runtime paths answer as the PyTorch one does: same classes, same neighbours."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from pydantic import ValidationError
+
+from app.cli import main
+from app.service import load_service
+from app.settings import Settings
+from models.bundle import Bundle
+from models.data import find_images
+from models.errors import BundleError
+from models.layout import BundleLayout
+from models.runtime import FINGERPRINT_KEY, RUNTIMES, check_runtime
+from tests.synthetic import noise_png
+
+EMBEDDING_TOLERANCE = 1e-4  # fp32 ONNX against eager PyTorch, on L2-normalised embeddings
+
+
+@pytest.fixture
+def bundle_dir(trained_bundle_dir: Path, tmp_path: Path) -> Path:
+    """A private copy of the session bundle, so exports land in this test's folder."""
+    return Path(shutil.copytree(trained_bundle_dir, tmp_path / "bundle"))
+
+
+def _images(shapes_dir: Path) -> list[Path | bytes]:
+    return [*find_images(shapes_dir), *(noise_png(seed) for seed in range(6))]
+
+
+def _neighbours(embeddings: np.ndarray, k: int = 5) -> np.ndarray:
+    scores = embeddings @ embeddings.T
+    np.fill_diagonal(scores, -np.inf)
+    return np.argsort(-scores, axis=1, kind="stable")[:, :k]
+
+
+def test_onnx_gives_the_classes_and_neighbours_of_pytorch(bundle_dir: Path, shapes_dir: Path):
+    images = _images(shapes_dir)
+    reference = Bundle.load(bundle_dir, "cpu")
+    assert reference.runtime.name == "torch"
+    onnx = Bundle.load(bundle_dir, "cpu")
+    assert onnx.use_runtime("onnx") == "onnx"
+    assert BundleLayout(bundle_dir).onnx.is_file()
+    expected, got = reference.encode(images), onnx.encode(images)
+    assert got.embeddings.dtype == np.float32 and got.embeddings.shape == expected.embeddings.shape
+    assert np.abs(got.embeddings - expected.embeddings).max() < EMBEDDING_TOLERANCE
+    assert (got.logits.argmax(1) == expected.logits.argmax(1)).all()
+    assert (_neighbours(got.embeddings) == _neighbours(expected.embeddings)).all()
+    # one image at a time (batch 1 through the dynamic batch axis), through classify
+    probabilities, embedding = onnx.classify(images[0])
+    assert probabilities.shape == (1, len(onnx.config.classes))
+    assert np.abs(embedding - expected.embeddings[:1]).max() < EMBEDDING_TOLERANCE
+
+
+def test_auto_is_onnx_on_the_cpu_and_the_service_uses_it(bundle_dir: Path):
+    service = load_service(Settings(bundle_dir=bundle_dir, device="cpu"))
+    assert service.bundle.runtime.name == "onnx"
+    torch_service = load_service(Settings(bundle_dir=bundle_dir, device="cpu", runtime="torch"))
+    assert torch_service.bundle.runtime.name == "torch"
+
+
+def test_an_export_of_other_weights_is_made_again(bundle_dir: Path):
+    first = Bundle.load(bundle_dir, "cpu")
+    first.use_runtime("onnx")
+    path = BundleLayout(bundle_dir).onnx
+    made = path.stat().st_mtime_ns
+    Bundle.load(bundle_dir, "cpu").use_runtime("onnx")
+    assert path.stat().st_mtime_ns == made  # same weights: reused
+
+    retrained = Bundle.load(bundle_dir, "cpu")
+    with torch.no_grad():
+        retrained.net.classifier.weight.mul_(-1.0)  # a different model, same architecture
+    Bundle(retrained.config, retrained.net, "cpu").save(bundle_dir)
+    again = Bundle.load(bundle_dir, "cpu")
+    assert again.fingerprint != first.fingerprint
+    again.use_runtime("onnx")
+    assert _recorded_fingerprint(path) == again.fingerprint
+    image = noise_png(1)
+    expected = Bundle.load(bundle_dir, "cpu").encode(image).logits
+    assert np.abs(again.encode(image).logits - expected).max() < 1e-3
+
+
+def _recorded_fingerprint(path: Path) -> str | None:
+    import onnx
+
+    model = onnx.load(str(path))
+    return next((p.value for p in model.metadata_props if p.key == FINGERPRINT_KEY), None)
+
+
+def test_an_unknown_runtime_is_refused_with_the_valid_names(capsys: pytest.CaptureFixture):
+    with pytest.raises(ValueError, match="choose one of: auto, torch, onnx, onnx-int8"):
+        check_runtime("tensorrt")
+    with pytest.raises(ValidationError, match="onnx-int8"):
+        Settings(runtime="tensorrt")
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", "--runtime", "tensorrt"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "tensorrt" in err and all(name in err for name in RUNTIMES)
+
+
+def test_int8_without_calibration_images_says_what_to_do(tmp_path: Path, capsys):
+    bundle = Bundle.pretrained("resnet18", "none", "cpu")  # records no training folder
+    bundle.save(tmp_path / "plain")
+    with pytest.raises(BundleError, match="--calibration"):
+        Bundle.load(tmp_path / "plain", "cpu").use_runtime("onnx-int8")
+    assert main(["quantize", str(tmp_path / "plain")]) == 2
+    assert "imgsim quantize BUNDLE --calibration DATA_DIR" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_int8_is_calibrated_on_the_training_images_and_mostly_agrees(
+    bundle_dir: Path, shapes_dir: Path
+):
+    images = find_images(shapes_dir)
+    expected = Bundle.load(bundle_dir, "cpu").encode(images)
+    int8 = Bundle.load(bundle_dir, "cpu")
+    assert int8.config.extra["data_dir"] == str(shapes_dir.resolve())  # recorded at training
+    assert int8.use_runtime("onnx-int8") == "onnx-int8"
+    assert _recorded_fingerprint(BundleLayout(bundle_dir).onnx_int8) == int8.fingerprint
+    got = int8.encode(images)
+    agreement = (got.logits.argmax(1) == expected.logits.argmax(1)).mean()
+    assert agreement >= 0.8, agreement
+    cosines = (got.embeddings * expected.embeddings).sum(1)
+    assert np.median(cosines) > 0.95, np.median(cosines)
+
+
+@pytest.mark.slow
+def test_quantize_command_with_a_calibration_folder(
+    tmp_path: Path, shapes_dir: Path, capsys: pytest.CaptureFixture
+):
+    Bundle.pretrained("resnet18", "none", "cpu").save(tmp_path / "plain")
+    assert main(["quantize", str(tmp_path / "plain"), "--calibration", str(shapes_dir)]) == 0
+    assert "--runtime onnx-int8" in capsys.readouterr().out
+    assert BundleLayout(tmp_path / "plain").onnx_int8.is_file()
+
+
+def test_auto_runs_pytorch_when_the_export_fails(bundle_dir: Path, monkeypatch):
+    def broken(bundle: Bundle, path: Path) -> Path:
+        raise BundleError("the ONNX export differs from PyTorch")
+
+    monkeypatch.setattr("models.runtime.exported", broken)
+    assert Bundle.load(bundle_dir, "cpu").use_runtime("auto") == "torch"
+    with pytest.raises(BundleError, match="differs"):
+        Bundle.load(bundle_dir, "cpu").use_runtime("onnx")
+
+
+def test_eval_measures_the_runtime_asked_for(bundle_dir: Path, shapes_dir: Path, tmp_path: Path):
+    from app.stages import evaluate_folder
+
+    reports = {
+        name: evaluate_folder(
+            shapes_dir, bundle_dir, tmp_path / name, use_index=False, device="cpu", runtime=name
+        )
+        for name in ("torch", "onnx")
+    }
+    assert BundleLayout(bundle_dir).onnx.is_file()
+    assert reports["onnx"]["top1"] == reports["torch"]["top1"]
+    assert reports["onnx"]["retrieval"] == pytest.approx(reports["torch"]["retrieval"])
