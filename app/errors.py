@@ -30,12 +30,26 @@ class InvalidRequest(ImgsimError):
     """The request's fields do not fit together (e.g. one external id for many files)."""
 
 
+class ServiceBusy(ImgsimError):
+    """The inference queue is full; the client should retry after `retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message)
+        self.headers = {"Retry-After": str(retry_after)}
+
+
+class NotReady(ImgsimError):
+    """The service cannot answer model requests (inference worker stopped, no index)."""
+
+
 STATUS: list[tuple[type[Exception], int]] = [  # first match wins: subclasses before bases
     (UploadTooLarge, 413),
     (ImageTooLarge, 413),
     (UnsupportedImage, 422),
     (InvalidRequest, 422),
     (NoIndex, 503),
+    (ServiceBusy, 503),
+    (NotReady, 503),
     (IndexMissing, 503),
     (IndexCorrupt, 503),
     (ItemNotFound, 404),
@@ -54,7 +68,11 @@ def install(app: FastAPI) -> None:
     """Answer every domain error with its status and {"detail": message}."""
 
     async def handle(request: Request, error: Exception) -> JSONResponse:
-        return JSONResponse(status_code=status_of(error), content={"detail": str(error)})
+        return JSONResponse(
+            status_code=status_of(error),
+            content={"detail": str(error)},
+            headers=getattr(error, "headers", None),
+        )
 
     async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
         problems = "; ".join(

@@ -56,6 +56,15 @@ class Health(BaseModel):
     index_size: int | None = Field(description="items in the index; null when none is loaded")
 
 
+class Readiness(BaseModel):
+    """The service can answer model requests."""
+
+    status: str
+    model: str = Field(description="fingerprint of the model loaded")
+    index_size: int = Field(description="items in the gallery (0 before the first POST /images)")
+    queue_depth: int = Field(description="images waiting for the model")
+
+
 class ErrorBody(BaseModel):
     """Every 4xx answer."""
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import os
 from pathlib import Path
 
 from pydantic import Field, field_validator
@@ -11,6 +13,18 @@ from models.backbones import DEFAULT_BACKBONE, check_backbone
 from models.devices import DEVICES
 from models.images import DEFAULT_MAX_PIXELS
 from models.layout import BundleLayout
+
+
+def available_cpus() -> int:
+    """CPU cores this process may use: its affinity mask, capped by a cgroup CPU quota."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    try:  # cgroup v2: "max 100000" (no quota) or "200000 100000" (two cores)
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cores = min(cores or 1, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores or 1)
 
 
 class Settings(BaseSettings):
@@ -33,6 +47,27 @@ class Settings(BaseSettings):
     )
     snapshot_every: int = Field(
         1000, gt=0, description="snapshot the index after this many changes"
+    )
+    # Serving under load (see README "Serving under load"; defaults measured in
+    # benchmarks/serve_load.md). One inference worker runs one forward at a time with `threads`
+    # intra-op threads; the requests' decoding runs beside it in the threadpool.
+    threads: int = Field(
+        default_factory=available_cpus,
+        gt=0,
+        description="intra-op threads of the model runtime (torch, ONNX Runtime); default: the "
+        "cores this process may use",
+    )
+    max_batch: int = Field(
+        8, gt=0, description="images the inference worker runs in one forward at most"
+    )
+    max_wait_ms: float = Field(
+        0.0,
+        ge=0.0,
+        description="how long the worker waits for more images before a forward; 0: it takes "
+        "what is queued and starts",
+    )
+    queue_size: int = Field(
+        32, gt=0, description="images waiting for the model at most; beyond it: 503 + Retry-After"
     )
 
     @field_validator("bundle_dir")
