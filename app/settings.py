@@ -51,6 +51,8 @@ class Settings(BaseSettings):
     # Serving under load (see README "Serving under load"; defaults measured in
     # benchmarks/serve_load.md). One inference worker runs one forward at a time with `threads`
     # intra-op threads; the requests' decoding runs beside it in the threadpool.
+    # Measured on 2 cores (lite0, serve_load.md): offline img/s peaks at batch 4 and falls at 16,
+    # and waiting for a batch only adds latency, so the worker takes what is queued (wait 0).
     threads: int = Field(
         default_factory=available_cpus,
         gt=0,
@@ -58,7 +60,7 @@ class Settings(BaseSettings):
         "cores this process may use",
     )
     max_batch: int = Field(
-        8, gt=0, description="images the inference worker runs in one forward at most"
+        4, gt=0, description="images the inference worker runs in one forward at most"
     )
     max_wait_ms: float = Field(
         0.0,
@@ -67,7 +69,7 @@ class Settings(BaseSettings):
         "what is queued and starts",
     )
     queue_size: int = Field(
-        32, gt=0, description="images waiting for the model at most; beyond it: 503 + Retry-After"
+        16, gt=0, description="images waiting for the model at most; beyond it: 503 + Retry-After"
     )
 
     @field_validator("bundle_dir")
