@@ -11,16 +11,33 @@ from typing import Annotated
 from fastapi import Depends, File, Request, UploadFile
 from PIL import Image
 
+from app.batching import Batcher
 from app.errors import UploadTooLarge
 from app.service import Service
 
 
-def get_service(request: Request) -> Service:
-    """The service loaded at startup."""
+async def get_service(request: Request) -> Service:
+    """The service loaded at startup (async: resolved on the event loop, not the threadpool)."""
     return request.app.state.service
 
 
 ServiceDep = Annotated[Service, Depends(get_service)]
+
+
+async def get_batcher(request: Request) -> Batcher:
+    """The inference worker's queue, started with the app."""
+    return request.app.state.batcher
+
+
+BatcherDep = Annotated[Batcher, Depends(get_batcher)]
+
+
+async def admitted(batcher: BatcherDep) -> None:
+    """Refuse a request at once, before its upload is decoded, when the queue is full."""
+    batcher.admit()
+
+
+AdmittedDep = Annotated[None, Depends(admitted)]
 
 
 @dataclass(frozen=True)
@@ -50,7 +67,7 @@ def read_upload(service: Service, file: UploadFile) -> Upload:
     return Upload(data, hashlib.sha256(data).hexdigest(), image)
 
 
-def uploaded(service: ServiceDep, file: Annotated[UploadFile, File()]) -> Upload:
+def uploaded(_: AdmittedDep, service: ServiceDep, file: Annotated[UploadFile, File()]) -> Upload:
     """The multipart field 'file', read and decoded."""
     return read_upload(service, file)
 
@@ -61,7 +78,9 @@ def uploaded_image(upload: Annotated[Upload, Depends(uploaded)]) -> Image.Image:
 
 
 def uploaded_files(
-    service: ServiceDep, files: Annotated[list[UploadFile], File(description="images")]
+    _: AdmittedDep,
+    service: ServiceDep,
+    files: Annotated[list[UploadFile], File(description="images")],
 ) -> list[Upload]:
     """Every multipart field 'files', read and decoded."""
     return [read_upload(service, file) for file in files]

@@ -6,6 +6,7 @@ import errno
 import logging
 import re
 import uuid
+from collections.abc import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -54,6 +55,18 @@ class ImageFileMissing(ImgsimError):
     """A stored item's image file is no longer on disk."""
 
 
+class ServiceBusy(ImgsimError):
+    """The inference queue is full; the client should retry after `retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message)
+        self.headers = {"Retry-After": str(retry_after)}
+
+
+class NotReady(ImgsimError):
+    """The service cannot answer model requests (inference worker stopped, no index)."""
+
+
 STATUS: list[tuple[type[Exception], int]] = [  # first match wins: subclasses before bases
     (UploadTooLarge, 413),
     (ImageTooLarge, 413),
@@ -64,6 +77,8 @@ STATUS: list[tuple[type[Exception], int]] = [  # first match wins: subclasses be
     (WritesDisabled, 403),
     (ImageFileMissing, 404),
     (NoIndex, 503),
+    (ServiceBusy, 503),
+    (NotReady, 503),
     (IndexMissing, 503),
     (IndexCorrupt, 503),
     (InsufficientStorage, 507),
@@ -82,7 +97,7 @@ def status_of(error: Exception) -> int:
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
-def install(app: FastAPI) -> None:
+def install(app: FastAPI, on_unhandled: Callable[[], object] = lambda: None) -> None:
     """Answer every domain error with its status and {"detail": message}, a full disk with 507,
     and anything unexpected with a logged JSON 500 that names the request id."""
 
@@ -116,7 +131,7 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(IndexProblem, handle)
     app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(OSError, os_error)
-    app.add_middleware(CatchAll)
+    app.add_middleware(CatchAll, on_unhandled=on_unhandled)
 
 
 REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -127,8 +142,9 @@ class CatchAll:
     plausible one), and an unexpected exception becomes a JSON 500 naming that id, logged with
     its traceback. The exception stops here, so the server keeps the connection open."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, on_unhandled: Callable[[], object]) -> None:
         self.app = app
+        self.on_unhandled = on_unhandled  # e.g. a metrics counter's inc
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -149,6 +165,7 @@ class CatchAll:
             await self.app(scope, receive, send_with_id)
         except Exception:
             log.exception("request %s (%s %s) failed", request_id, scope["method"], scope["path"])
+            self.on_unhandled()
             if started:
                 raise  # the answer is half sent: only closing the connection is left
             answer = JSONResponse(

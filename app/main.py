@@ -5,14 +5,17 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import torch
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 
 from app import errors
 from app.auth import log_write_policy
+from app.batching import Batcher
 from app.limits import BodyLimits, form_limits
-from app.routes import classify, explain, gallery, images, page
+from app.metrics import Metrics, RequestMetrics
+from app.routes import classify, explain, gallery, images, operations, page
 from app.service import Service, load_service
 from app.settings import Settings
 
@@ -23,10 +26,13 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.service = service or load_service(settings)
-        log_write_policy(app.state.service.settings)
+        app.state.service = loaded = service or load_service(settings)
+        log_write_policy(loaded.settings)
+        app.state.batcher = batcher = start_batcher(loaded, metrics)
+        metrics.watch(loaded, lambda: batcher.depth)
         yield
-        app.state.service.close()  # a final snapshot, so the next start-up has less to replay
+        await batcher.stop()
+        loaded.close()  # a final snapshot, so the next start-up has less to replay
 
     app = FastAPI(
         title="imgsim",
@@ -37,9 +43,12 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
     app.add_middleware(
         BodyLimits, max_bytes=settings.max_request_bytes, timeout=settings.body_timeout
     )
-    errors.install(app)
+    app.state.metrics = metrics = Metrics()
+    app.add_middleware(RequestMetrics, metrics=metrics)
+    errors.install(app, on_unhandled=metrics.unhandled_errors.inc)
     app.include_router(classify.router)
     app.include_router(gallery.router)
+    app.include_router(operations.router)
     app.include_router(images.router)
     app.include_router(explain.router)
     app.include_router(page.router)
@@ -52,3 +61,18 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
             allow_headers=["Authorization", "X-API-Key", "Content-Type"],
         )
     return app
+
+
+def start_batcher(service: Service, metrics: Metrics) -> Batcher:
+    """The inference worker, with the model's intra-op threads set from the settings."""
+    settings = service.settings
+    torch.set_num_threads(settings.threads)
+    batcher = Batcher(
+        lambda images: service.bundle.encode(images, batch_size=len(images)),
+        settings.max_batch,
+        settings.max_wait_ms,
+        settings.queue_size,
+        metrics,
+    )
+    batcher.start()
+    return batcher

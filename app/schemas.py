@@ -83,6 +83,15 @@ class Health(BaseModel):
     writes: str = Field(description="who may add and delete: 'key', 'open' or 'read-only'")
 
 
+class Readiness(BaseModel):
+    """The service can answer model requests."""
+
+    status: str
+    model: str = Field(description="fingerprint of the model loaded")
+    index_size: int = Field(description="items in the gallery (0 before the first POST /images)")
+    queue_depth: int = Field(description="images waiting for the model")
+
+
 class ErrorBody(BaseModel):
     """Every 4xx answer."""
 

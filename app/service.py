@@ -76,7 +76,7 @@ def load_service(settings: Settings) -> Service:
         bundle = Bundle.load(settings.bundle_dir, settings.device)
     else:
         bundle = Bundle.pretrained(settings.backbone, settings.weights, settings.device)
-    bundle.use_runtime(settings.runtime)
+    bundle.use_runtime(settings.runtime, settings.threads)
     index_dir = settings.resolved_index_dir()
     gallery = None
     if settings.index_dir is not None or (index_dir is not None and index_dir.exists()):

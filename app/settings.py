@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -13,6 +15,18 @@ from models.devices import DEVICES
 from models.images import DEFAULT_MAX_PIXELS
 from models.layout import BundleLayout
 from models.runtime import check_runtime
+
+
+def available_cpus() -> int:
+    """CPU cores this process may use: its affinity mask, capped by a cgroup CPU quota."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    try:  # cgroup v2: "max 100000" (no quota) or "200000 100000" (two cores)
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cores = min(cores or 1, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores or 1)
 
 
 class Settings(BaseSettings):
@@ -66,6 +80,30 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [origin.strip() for origin in value.split(",") if origin.strip()]
         return value
+
+    # Serving under load (see README "Serving under load"; defaults measured in
+    # benchmarks/serve_load.md). One inference worker runs one forward at a time with `threads`
+    # intra-op threads; the requests' decoding runs beside it in the threadpool.
+    # Measured on 2 cores (lite0, serve_load.md): offline img/s peaks at batch 4 and falls at 16,
+    # and waiting for a batch only adds latency, so the worker takes what is queued (wait 0).
+    threads: int = Field(
+        default_factory=available_cpus,
+        gt=0,
+        description="intra-op threads of the model runtime (torch, ONNX Runtime); default: the "
+        "cores this process may use",
+    )
+    max_batch: int = Field(
+        4, gt=0, description="images the inference worker runs in one forward at most"
+    )
+    max_wait_ms: float = Field(
+        0.0,
+        ge=0.0,
+        description="how long the worker waits for more images before a forward; 0: it takes "
+        "what is queued and starts",
+    )
+    queue_size: int = Field(
+        16, gt=0, description="images waiting for the model at most; beyond it: 503 + Retry-After"
+    )
 
     @field_validator("bundle_dir")
     @classmethod

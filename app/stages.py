@@ -128,6 +128,9 @@ def serve(settings: Settings, host: str = "127.0.0.1", port: int = 8000) -> None
     Writes are refused on a non-loopback host without an API key (see app/auth.py)."""
     settings = settings.model_copy(update={"host": host})
     service = load_service(settings)
+    # One uvicorn worker (process): a second would load a second copy of the model and run its
+    # own forwards with its own `threads`, so two layers of parallelism would fight over the
+    # cores; one process with one batching inference worker keeps the cores on one forward.
     uvicorn.run(create_app(settings, service), host=host, port=port, log_level="info")
 
 

@@ -260,6 +260,14 @@ class Encoded:
     logits: np.ndarray  # (N, C) float32
     failed: list[tuple[int, str]] = field(default_factory=list)  # (input position, reason)
 
+    def rows(self, start: int, end: int) -> Encoded:
+        """The embeddings and logits of inputs start..end-1 (of an encode that skipped none)."""
+        return Encoded(self.embeddings[start:end], self.logits[start:end])
+
+    def probabilities(self) -> np.ndarray:
+        """Class probabilities (N, C): the softmax of the logits."""
+        return _softmax(self.logits)
+
 
 def _read_config(path: Path) -> tuple[BundleConfig, dict[str, Any]]:
     """The bundle's config.json, checked, and as read; or BundleError saying what is wrong."""

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
@@ -21,11 +22,17 @@ def free_port() -> int:
 
 
 def start_server(
-    bundle_dir: Path, index_dir: Path, port: int, env: dict[str, str] | None = None
+    bundle_dir: Path,
+    index_dir: Path | None,
+    port: int,
+    env: dict[str, str] | None = None,
+    options: Sequence[str] = (),
 ) -> subprocess.Popen:
-    """imgsim serve in a child process, returned once it answers /health."""
+    """imgsim serve in a child process (with index_dir, or BUNDLE/index when it exists, and any
+    further options), returned once it answers /health."""
     command = [sys.executable, "-m", "app.cli", "serve", "--model", str(bundle_dir)]
-    command += ["--index", str(index_dir), "--port", str(port), "--device", "cpu"]
+    command += ["--index", str(index_dir)] if index_dir is not None else []
+    command += ["--port", str(port), "--device", "cpu", *options]
     # Its log goes to a file: a pipe nobody reads would block the server once full.
     log = tempfile.TemporaryFile("w+")
     process = subprocess.Popen(

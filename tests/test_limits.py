@@ -212,6 +212,9 @@ def test_an_unexpected_error_is_a_json_500_with_a_request_id(
     assert answer.status_code == 500
     assert body["request_id"] == answer.headers["X-Request-ID"]
     assert body["request_id"] in body["detail"] and "/secret" not in answer.text
+    metrics = client.get("/metrics").text
+    assert "imgsim_unhandled_errors_total 1.0" in metrics
+    assert 'endpoint="/similar",method="POST",status="500"' in metrics
 
 
 def test_every_answer_carries_the_request_id(client: TestClient) -> None:

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from app.auth import write_policy
-from app.dependencies import ImageDep, ServiceDep
+from app.dependencies import BatcherDep, ImageDep, ServiceDep
 from app.routes import ERRORS
 from app.schemas import ClassifyResponse, Health, Prediction
 
@@ -15,8 +15,9 @@ router = APIRouter()
 
 
 @router.get("/health")
-def health(service: ServiceDep) -> Health:
-    """What is served: backbone, number of classes, device, model fingerprint, index size."""
+async def health(service: ServiceDep) -> Health:
+    """What is served: backbone, number of classes, device, model fingerprint, index size.
+    Liveness: answered on the event loop, in milliseconds even while the model is busy."""
     bundle, gallery = service.bundle, service.gallery
     return Health(
         status="ok",
@@ -34,8 +35,9 @@ UNKNOWN = "unknown"
 
 
 @router.post("/classify", responses=ERRORS)
-def classify(
+async def classify(
     service: ServiceDep,
+    batcher: BatcherDep,
     image: ImageDep,
     top_k: Annotated[int, Query(ge=1, le=100)] = 5,
     threshold: Annotated[
@@ -50,7 +52,7 @@ def classify(
 ) -> ClassifyResponse:
     """The top_k most probable classes of the uploaded image (multipart field 'file'); the
     label is "unknown" when the best probability is below the threshold."""
-    probabilities, _ = service.bundle.classify(image)
+    probabilities = (await batcher.encode([image])).probabilities()
     classes = service.bundle.config.classes
     order = probabilities[0].argsort()[::-1][:top_k]
     predictions = [Prediction(label=classes[i], score=float(probabilities[0, i])) for i in order]

@@ -6,9 +6,10 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Form, Query, Response
+from starlette.concurrency import run_in_threadpool
 
 from app.auth import require_writer
-from app.dependencies import ServiceDep, UploadDep, UploadsDep
+from app.dependencies import BatcherDep, ServiceDep, UploadDep, UploadsDep
 from app.errors import InvalidRequest, NoIndex
 from app.routes import ERRORS, ItemId
 from app.schemas import (
@@ -47,20 +48,29 @@ def _similar(service: Service, found: list[Found]) -> SimilarResponse:
 
 
 @router.post("/similar", responses=ERRORS)
-def similar(
-    service: ServiceDep, upload: UploadDep, k: K = 10, label: LabelFilter = None
+async def similar(
+    service: ServiceDep,
+    batcher: BatcherDep,
+    upload: UploadDep,
+    k: K = 10,
+    label: LabelFilter = None,
 ) -> SimilarResponse:
     """The k images of the collection most similar to the upload (multipart field 'file'), best
     first; stored copies of the upload itself (same bytes) are left out."""
     gallery = _gallery(service)
-    own = gallery.ids_of_content(upload.sha256)
-    found = gallery.search(service.bundle.embed(upload.image), k, label=label, exclude=own)
-    return _similar(service, found[0])
+    embedding = (await batcher.encode([upload.image])).embeddings
+
+    def search() -> list[list[Found]]:
+        own = gallery.ids_of_content(upload.sha256)
+        return gallery.search(embedding, k, label=label, exclude=own)
+
+    return _similar(service, (await run_in_threadpool(search))[0])
 
 
 @router.post("/images", status_code=201, responses=ERRORS, dependencies=WRITER)
-def add_images(
+async def add_images(
     service: ServiceDep,
+    batcher: BatcherDep,
     uploads: UploadsDep,
     label: Annotated[str | None, Form(description="label of every image")] = None,
     external_id: Annotated[
@@ -75,15 +85,17 @@ def add_images(
     skip_duplicates. Answers once the images are durably stored."""
     if external_id is not None and len(uploads) != 1:
         raise InvalidRequest("an external_id can only be given with a single file")
-    gallery = service.collection()
+    gallery = await run_in_threadpool(service.collection)
     if gallery is None:
         raise NoIndex("no index folder is configured: start the service with --index DIR")
     items = [
         NewItem(gallery.image_path(u.sha256, u.suffix), label or None, external_id, u.sha256)
         for u in uploads
     ]
-    added = gallery.add(
-        service.bundle.embed([u.image for u in uploads]),
+    embeddings = (await batcher.encode([u.image for u in uploads])).embeddings
+    added = await run_in_threadpool(
+        gallery.add,
+        embeddings,
         items,
         duplicate_threshold=service.settings.duplicate_threshold,
         skip_duplicates=skip_duplicates,

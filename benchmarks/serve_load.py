@@ -1,0 +1,464 @@
+"""Serving under load: a real `imgsim serve` on loopback, per bundle and runtime, against the
+targets of issue 9.
+
+For each bundle and runtime, in this order (never two at once):
+- in-process, as the server runs it (`load_service`, the service's `bundle.encode`): the raw
+  batch-1 forward (ms, preprocessing of a decoded image included) and offline batched img/s at
+  batch 1, 4, 8 and 16 (the server's max_batch is the "offline batched" figure); with a held-out
+  split, top-1 and Recall@10 of the runtime;
+- over HTTP, with real Tux Paint stamps as uploads: sequential /classify (and /similar when the
+  bundle has an index) p50, then closed-loop load at 1, 4, 16 and 64 clients (httpx.AsyncClient;
+  a client answered 503 waits the Retry-After it was given, as a client should), with /health
+  probed every 100 ms during the 64-client run; server memory before and after.
+Then the targets are checked and printed PASS/FAIL, and benchmarks/serve_load.md is written.
+
+    python benchmarks/serve_load.py [--quick] [--runtimes torch,onnx,onnx-int8]
+        [--model BUNDLE ...] [--unbatched]
+
+Without --model: efficientnet_lite0 fine-tuned on the Tux Paint split of benchmarks/transfer.py
+(WORK/efficientnet_lite0, trained there when missing) and densenet121 with --weights none (random
+weights: the speed is that of the trained model, the answers are not).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import httpx
+import numpy as np
+import torch
+
+from app.service import load_service
+from app.settings import Settings, available_cpus
+from benchmarks.transfer import STAMPS, configure, copy_split
+from models.bundle import Bundle
+from models.data import find_images
+from models.layout import BundleLayout
+from models.training import train
+from tests.servers import free_port, start_server
+
+HERE = Path(__file__).parent
+CLIENTS = (1, 4, 16, 64)
+BATCHES = (1, 4, 8, 16)
+RUNTIME_CHOICES = ("torch", "onnx", "onnx-int8")
+HAS_RUNTIMES = "runtime" in Settings.model_fields  # `--runtime` arrives with issue 9 part 1
+TARGETS = {
+    "classify": 1.15,  # sequential /classify p50 <= 1.15x the raw forward
+    "throughput": 0.9,  # 16-client throughput >= 0.9x offline batched
+    "onnx": 1.5,  # ONNX fp32 batch-1 speed >= 1.5x eager torch
+    "onnx-int8": 2.5,  # int8 >= 2.5x eager torch
+    "points": 1.0,  # int8 top-1 and Recall@10 within 1 point of fp32 ONNX
+    "health_ms": 50.0,  # /health p99 at 64 clients
+}
+
+
+@dataclass
+class Durations:
+    """How long each part runs."""
+
+    forwards: int  # timed batch-1 forwards
+    offline_images: int  # images per offline batch-size run
+    sequential: int  # sequential requests per endpoint
+    load_s: float  # seconds per client level
+    accuracy_images: int  # held-out images for top-1 / Recall@10 (0: all)
+
+
+QUICK = Durations(forwards=10, offline_images=32, sequential=15, load_s=4, accuracy_images=60)
+FULL = Durations(forwards=50, offline_images=128, sequential=60, load_s=30, accuracy_images=0)
+
+
+@dataclass
+class Row:
+    """Everything measured for one bundle under one runtime (and batching setting)."""
+
+    bundle: str
+    runtime: str
+    max_batch: int
+    raw_ms: float = 0.0
+    offline: dict[int, float] = field(default_factory=dict)  # batch size -> img/s
+    top1: float | None = None
+    recall10: float | None = None
+    classify_p50: float = 0.0
+    similar_p50: float | None = None
+    load: dict[int, dict[str, float]] = field(default_factory=dict)  # clients -> figures
+    health_p99: float = 0.0
+    memory_mb: tuple[float, float] = (0.0, 0.0)
+
+    @property
+    def offline_batched(self) -> float:
+        """Offline img/s at the server's max_batch (the nearest measured batch size below it)."""
+        return self.offline[max(b for b in self.offline if b <= max(self.max_batch, 1))]
+
+
+# -- in-process ----------------------------------------------------------------------------
+
+
+def settings_for(bundle_dir: Path, runtime: str, **values: object) -> Settings:
+    """The server's settings for this bundle and runtime."""
+    if HAS_RUNTIMES:
+        values["runtime"] = runtime
+    elif runtime != "torch":
+        raise SystemExit(f"runtime {runtime!r}: this checkout has only the torch runtime")
+    return Settings(bundle_dir=bundle_dir, device="cpu", **values)
+
+
+def in_process(row: Row, settings: Settings, paths: list[Path], durations: Durations) -> None:
+    """Raw batch-1 forward and offline img/s of decoded images, through the service's encode as
+    the server runs it (same threads)."""
+    service = load_service(settings)
+    torch.set_num_threads(settings.threads)
+    images = [service.bundle.decode(path, settings.max_pixels) for path in paths]
+    encode = service.bundle.encode
+    for image in images[:3]:
+        encode([image], batch_size=1)  # warm-up
+    times = []
+    for i in range(durations.forwards):
+        started = time.perf_counter()
+        encode([images[i % len(images)]], batch_size=1)
+        times.append(time.perf_counter() - started)
+    row.raw_ms = 1000 * statistics.median(times)
+    for batch in BATCHES:
+        chosen = [images[i % len(images)] for i in range(durations.offline_images)]
+        encode(chosen[:batch], batch_size=batch)  # warm-up at this shape
+        started = time.perf_counter()
+        encode(chosen, batch_size=batch)
+        row.offline[batch] = len(chosen) / (time.perf_counter() - started)
+    service.close()
+
+
+def accuracy(row: Row, settings: Settings, split: Path, limit: int) -> None:
+    """Top-1 of the held-out drawings and their Recall@10 against the training images, both
+    embedded by this runtime."""
+    service = load_service(settings)
+    bundle = service.bundle
+    test, gallery = _pick(find_images(split / "test"), limit), find_images(split / "train")
+    gallery = _pick(gallery, 2 * limit) if limit else gallery
+    classes = bundle.config.classes
+    encoded = bundle.encode(test, batch_size=16)
+    truth = np.array([classes.index(p.parent.name) for p in test])
+    row.top1 = float((encoded.logits.argmax(1) == truth).mean())
+    stored = bundle.encode(gallery, batch_size=16).embeddings
+    stored_labels = np.array([p.parent.name for p in gallery])
+    nearest = np.argsort(-encoded.embeddings @ stored.T, axis=1)[:, :10]
+    hits = (stored_labels[nearest] == np.array([p.parent.name for p in test])[:, None]).any(1)
+    row.recall10 = float(hits.mean())
+    service.close()
+
+
+def _pick(paths: list[Path], limit: int) -> list[Path]:
+    return paths[:: max(1, len(paths) // limit)][:limit] if limit else paths
+
+
+# -- over HTTP -----------------------------------------------------------------------------
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process (Linux)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def percentile(values: list[float], share: float) -> float:
+    """The share-th percentile (0..1) of values, nearest rank; 0 for none."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(share * len(ordered)))] if ordered else 0.0
+
+
+def payloads(paths: list[Path]) -> list[dict]:
+    return [{"file": (p.name, p.read_bytes(), "image/png")} for p in paths]
+
+
+def sequential(url: str, files: list[dict], count: int) -> float:
+    """p50 ms of one request at a time (the first 3 not timed)."""
+    times = []
+    with httpx.Client(timeout=120) as client:
+        for i in range(count + 3):
+            started = time.perf_counter()
+            client.post(url, files=files[i % len(files)]).raise_for_status()
+            if i >= 3:
+                times.append(1000 * (time.perf_counter() - started))
+    return statistics.median(times)
+
+
+async def load(base: str, files: list[dict], clients: int, seconds: float) -> dict[str, float]:
+    """Closed-loop clients posting /classify for `seconds`; /health probed every 100 ms."""
+    latencies: list[float] = []
+    statuses: list[int] = []
+    health: list[float] = []
+    limits = httpx.Limits(max_connections=clients + 1, max_keepalive_connections=clients + 1)
+    async with httpx.AsyncClient(base_url=base, timeout=120, limits=limits) as client:
+        end = time.perf_counter() + seconds
+
+        async def user(number: int) -> None:
+            i = number
+            while time.perf_counter() < end:
+                started = time.perf_counter()
+                response = await client.post("/classify", files=files[i % len(files)])
+                statuses.append(response.status_code)
+                if response.status_code == 200:
+                    latencies.append(1000 * (time.perf_counter() - started))
+                elif response.status_code == 503:
+                    await asyncio.sleep(float(response.headers.get("Retry-After", 1)))
+                i += clients
+
+        async def prober() -> None:
+            while time.perf_counter() < end:
+                started = time.perf_counter()
+                (await client.get("/health")).raise_for_status()
+                health.append(1000 * (time.perf_counter() - started))
+                await asyncio.sleep(0.1)
+
+        started = time.perf_counter()
+        await asyncio.gather(prober(), *(user(n) for n in range(clients)))
+        elapsed = time.perf_counter() - started
+    return {
+        "rps": len(latencies) / elapsed,
+        "p50": percentile(latencies, 0.5),
+        "p99": percentile(latencies, 0.99),
+        "rejected": statuses.count(503) / max(1, len(statuses)),
+        "errors": sum(s not in (200, 503) for s in statuses),
+        "health_p99": percentile(health, 0.99),
+    }
+
+
+def over_http(row: Row, bundle_dir: Path, files: list[dict], env: dict, d: Durations) -> None:
+    """Sequential latency and the client levels against a fresh `imgsim serve`."""
+    port = free_port()
+    options = ["--runtime", row.runtime] if HAS_RUNTIMES else []
+    server = start_server(bundle_dir, None, port, env, options)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        before = rss_mb(server.pid)
+        row.classify_p50 = sequential(f"{base}/classify", files, d.sequential)
+        if httpx.get(f"{base}/health").json()["index_size"]:
+            row.similar_p50 = sequential(f"{base}/similar?k=10", files, d.sequential)
+        for clients in CLIENTS:
+            row.load[clients] = asyncio.run(load(base, files, clients, d.load_s))
+            print(f"  {row.bundle} {row.runtime} {clients} clients: {row.load[clients]}")
+        row.health_p99 = row.load[64]["health_p99"]
+        row.memory_mb = (before, rss_mb(server.pid))
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
+# -- bundles -------------------------------------------------------------------------------
+
+
+def default_bundles(work: Path, stamps: Path) -> tuple[list[Path], Path]:
+    """lite0 fine-tuned on the transfer split (trained when missing) and densenet121 with
+    random weights; returns them and the split folder."""
+    split = work / "data"
+    if not (split / "train").is_dir():
+        copy_split(stamps, split, 0.3, 0)  # the split of benchmarks/transfer.py
+    lite0 = work / "efficientnet_lite0"
+    if not BundleLayout(lite0).weights.is_file():
+        config = configure("efficientnet_lite0", "imagenet", 6, {})
+        train(split / "train", lite0, config)
+    dense = work / "densenet121-random"
+    if not BundleLayout(dense).weights.is_file():
+        Bundle.pretrained("densenet121", "none", "cpu").save(dense)
+    return [lite0, dense], split
+
+
+def private_copy(bundle_dir: Path, scratch: Path) -> Path:
+    """A copy of the bundle (and its index) that the server may snapshot into freely."""
+    target = scratch / bundle_dir.name
+    shutil.copytree(bundle_dir, target, ignore=shutil.ignore_patterns("eval", "*.building-*"))
+    return target
+
+
+# -- report --------------------------------------------------------------------------------
+
+
+def checks(rows: list[Row]) -> list[tuple[str, bool, str]]:
+    """(target, passed, figures) for every target the rows allow checking."""
+    found = []
+    for row in rows:
+        name = f"{row.bundle} {row.runtime} max_batch={row.max_batch}"
+        ratio = row.classify_p50 / row.raw_ms
+        found.append(
+            (
+                f"{name}: /classify p50 <= {TARGETS['classify']}x raw forward",
+                ratio <= TARGETS["classify"],
+                f"{row.classify_p50:.1f} / {row.raw_ms:.1f} ms = {ratio:.2f}x",
+            )
+        )
+        share = row.load[16]["rps"] / row.offline_batched
+        found.append(
+            (
+                f"{name}: 16-client throughput >= {TARGETS['throughput']}x offline batched",
+                share >= TARGETS["throughput"],
+                f"{row.load[16]['rps']:.1f} / {row.offline_batched:.1f} img/s = {share:.2f}x",
+            )
+        )
+        found.append(
+            (
+                f"{name}: /health p99 at 64 clients < {TARGETS['health_ms']:.0f} ms",
+                row.health_p99 < TARGETS["health_ms"],
+                f"{row.health_p99:.1f} ms",
+            )
+        )
+    found += runtime_checks(rows)
+    return found
+
+
+def runtime_checks(rows: list[Row]) -> list[tuple[str, bool, str]]:
+    """Speed-ups over eager torch, and int8's accuracy against fp32 ONNX."""
+    found = []
+    by: dict[tuple[str, str], Row] = {}
+    for row in rows:  # the first row of each: the server's default max_batch
+        by.setdefault((row.bundle, row.runtime), row)
+    for (bundle, runtime), row in by.items():
+        torch_row = by.get((bundle, "torch"))
+        if runtime not in ("onnx", "onnx-int8") or torch_row is None:
+            continue
+        speedup = torch_row.raw_ms / row.raw_ms
+        found.append(
+            (
+                f"{bundle} {runtime}: batch-1 speed >= {TARGETS[runtime]}x eager torch",
+                speedup >= TARGETS[runtime],
+                f"{torch_row.raw_ms:.1f} / {row.raw_ms:.1f} ms = {speedup:.2f}x",
+            )
+        )
+        fp32 = by.get((bundle, "onnx"))
+        if runtime == "onnx-int8" and fp32 is not None and row.top1 is not None:
+            for metric in ("top1", "recall10"):
+                drop = 100 * (getattr(fp32, metric) - getattr(row, metric))
+                found.append(
+                    (
+                        f"{bundle} int8: {metric} within {TARGETS['points']:.0f} point of fp32",
+                        abs(drop) <= TARGETS["points"],
+                        f"{drop:+.1f} points",
+                    )
+                )
+    return found
+
+
+def report(rows: list[Row], args: argparse.Namespace, d: Durations) -> list[str]:
+    """The markdown of benchmarks/serve_load.md."""
+    mode = "QUICK run (short durations: figures are indicative only)" if args.quick else "full run"
+    lines = [
+        "# Serving under load",
+        "",
+        f"`python benchmarks/serve_load.py {' '.join(args.argv)}`".replace("  ", " "),
+        "",
+        f"**{mode}.** {available_cpus()} CPU cores, no GPU; server defaults "
+        f"(threads {Settings().threads}, max_batch {Settings().max_batch}, max_wait_ms "
+        f"{Settings().max_wait_ms:g}, queue_size {Settings().queue_size}) unless a row says "
+        f"max_batch=1 (micro-batching off). {d.load_s:g} s per client level, "
+        f"{d.sequential} sequential requests, {d.forwards} timed forwards.",
+        "Raw forward: median in-process batch-1 `encode` of a decoded stamp (preprocessing "
+        "included), as the server runs it. Latencies are client side (upload, decode, queue, "
+        "forward, answer). Clients answered 503 wait the Retry-After they were given.",
+        "",
+        "## In-process",
+        "",
+        "| bundle | runtime | raw forward ms | "
+        + " | ".join(f"img/s batch {b}" for b in BATCHES)
+        + " | top-1 | R@10 |",
+        "|---|---|---|" + "---|" * len(BATCHES) + "---|---|",
+    ]
+    for row in rows:
+        if row.max_batch == 1 and any(r.bundle == row.bundle for r in rows if r.max_batch > 1):
+            continue  # the same in-process figures as the batched row
+        offline = " | ".join(f"{row.offline[b]:.1f}" for b in BATCHES)
+        lines.append(
+            f"| {row.bundle} | {row.runtime} | {row.raw_ms:.1f} | {offline} | "
+            f"{_pct(row.top1)} | {_pct(row.recall10)} |"
+        )
+    lines += [
+        "",
+        "## Over HTTP",
+        "",
+        "| bundle | runtime | max_batch | seq /classify p50 ms | seq /similar p50 ms | "
+        + " | ".join(f"{c} clients req/s, p50/p99 ms, 503s" for c in CLIENTS)
+        + " | /health p99 ms (64 clients) | RSS MB before → after |",
+        "|---|---|---|---|---|" + "---|" * len(CLIENTS) + "---|---|",
+    ]
+    for row in rows:
+        levels = " | ".join(
+            f"{x['rps']:.1f}, {x['p50']:.0f}/{x['p99']:.0f}, {100 * x['rejected']:.0f} %"
+            for x in (row.load[c] for c in CLIENTS)
+        )
+        similar = f"{row.similar_p50:.1f}" if row.similar_p50 is not None else "-"
+        lines.append(
+            f"| {row.bundle} | {row.runtime} | {row.max_batch} | {row.classify_p50:.1f} | "
+            f"{similar} | {levels} | {row.health_p99:.1f} | "
+            f"{row.memory_mb[0]:.0f} → {row.memory_mb[1]:.0f} |"
+        )
+    lines += ["", "## Targets (issue 9)", ""]
+    lines += [f"- {'PASS' if ok else 'FAIL'} {what}: {why}" for what, ok, why in checks(rows)]
+    return lines
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+# -- main ----------------------------------------------------------------------------------
+
+
+def measure(
+    bundle_dir: Path, runtime: str, batchings: list[int], args: argparse.Namespace, d: Durations
+) -> list[Row]:
+    """Rows of one bundle and runtime: in-process figures (once), then the server under load
+    at each max_batch."""
+    first = Row(bundle_dir.name, runtime, batchings[0])
+    settings = settings_for(bundle_dir, runtime)
+    paths = _pick(find_images(args.stamps), 64)
+    in_process(first, settings, paths, d)
+    if args.split is not None and (args.split / "test").is_dir():
+        accuracy(first, settings, args.split, d.accuracy_images)
+    rows = [first] + [replace(first, max_batch=b, load={}) for b in batchings[1:]]
+    for row in rows:
+        env = {"IMGSIM_MAX_BATCH": str(row.max_batch)}
+        over_http(row, bundle_dir, payloads(paths), env, d)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="short durations (indicative)")
+    parser.add_argument("--runtimes", default="torch", help="comma-separated: torch,onnx,onnx-int8")
+    parser.add_argument("--model", type=Path, action="append", help="bundle(s) to serve")
+    parser.add_argument("--split", type=Path, help="train/ and test/ class folders for accuracy")
+    parser.add_argument("--stamps", type=Path, default=STAMPS, help="images sent as uploads")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/imgsim-transfer"))
+    parser.add_argument("--unbatched", action="store_true", help="also run with max_batch=1")
+    args = parser.parse_args()
+    args.argv = sys.argv[1:]
+    runtimes = [r.strip() for r in args.runtimes.split(",") if r.strip()]
+    for runtime in runtimes:
+        if runtime not in RUNTIME_CHOICES:
+            parser.error(f"unknown runtime {runtime!r}; choose from {', '.join(RUNTIME_CHOICES)}")
+    d = QUICK if args.quick else FULL
+    if args.model:
+        bundles = args.model
+    else:
+        bundles, split = default_bundles(args.work, args.stamps)
+        args.split = args.split or split
+    batchings = [Settings().max_batch] + ([1] if args.unbatched else [])
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="serve-load-") as scratch:
+        for bundle_dir in bundles:
+            copy = private_copy(bundle_dir, Path(scratch))
+            for runtime in runtimes:
+                rows += measure(copy, runtime, batchings, args, d)
+    lines = report(rows, args, d)
+    (HERE / "serve_load.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""Serving under load, in-process: concurrent requests share one forward and each gets its own
+answer; a full queue answers 503 + Retry-After at once; /health and /ready answer while the model
+is busy; /ready is 503 without an index.
+
+No clock decides anything: the first forward is held on an event until the other requests are
+queued (the queue depth says so), then released.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from app.main import create_app
+from app.service import Service, load_service
+from app.settings import Settings, available_cpus
+from app.stages import index_folder
+from models.bundle import Bundle
+
+WAIT = 60.0  # seconds before a stuck test fails instead of hanging
+SHAPES = [("star", 0), ("circle", 1), ("square", 2), ("triangle", 3), ("star", 4)]
+
+
+class HeldEncode:
+    """Wraps Bundle.encode: records each batch's size; the first call waits for `release`."""
+
+    def __init__(self, encode: Callable[..., Any]):
+        self.encode = encode
+        self.sizes: list[int] = []
+        self.release = threading.Event()
+
+    def __call__(self, images: list, batch_size: int, **kwargs: Any) -> Any:
+        self.sizes.append(len(images))
+        if len(self.sizes) == 1 and not self.release.wait(WAIT):
+            raise TimeoutError("the test never released the first forward")
+        return self.encode(images, batch_size=batch_size, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def index_dir(trained_bundle_dir: Path, shapes_dir: Path, tmp_path_factory: Any) -> Path:
+    out = tmp_path_factory.mktemp("serving") / "index"
+    index_folder(shapes_dir, Bundle.load(trained_bundle_dir, "cpu"), out, workers=0)
+    return out
+
+
+def serving(bundle_dir: Path, index_dir: Path | None, **limits: Any) -> tuple[FastAPI, Service]:
+    settings = Settings(bundle_dir=bundle_dir, index_dir=index_dir, device="cpu", **limits)
+    service = load_service(settings)
+    return create_app(settings, service), service
+
+
+def until(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + WAIT
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"waited {WAIT} s for {what}")
+        time.sleep(0.01)
+
+
+def post(client: TestClient, path: str, data: bytes) -> httpx.Response:
+    return client.post(path, files={"file": ("x.png", data, "image/png")})
+
+
+def in_threads(calls: list[Callable[[], httpx.Response]]) -> tuple[list, list[threading.Thread]]:
+    answers: list = [None] * len(calls)
+
+    def run(i: int) -> None:
+        answers[i] = calls[i]()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    for thread in threads:
+        thread.start()
+    return answers, threads
+
+
+@pytest.fixture
+def held(
+    trained_bundle_dir: Path, index_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[TestClient, HeldEncode, Service]]:
+    app, service = serving(trained_bundle_dir, index_dir, max_batch=8, queue_size=4)
+    hold = HeldEncode(service.bundle.encode)
+    with TestClient(app) as client:
+        monkeypatch.setattr(service.bundle, "encode", hold)
+        yield client, hold, service
+        hold.release.set()
+
+
+def test_concurrent_requests_share_a_forward_and_each_gets_its_own_answer(
+    held: tuple[TestClient, HeldEncode, Service], shapes_dir: Path
+) -> None:
+    client, hold, service = held
+    batcher = client.app.state.batcher  # type: ignore[attr-defined]
+    files = [(shapes_dir / n / f"{n}_{i:03d}.png").read_bytes() for n, i in SHAPES]
+    decoded = [service.bundle.decode(d) for d in files]
+    alone = [hold.encode([image], batch_size=1).probabilities()[0] for image in decoded]
+
+    first, first_threads = in_threads([lambda: post(client, "/classify?top_k=4", files[0])])
+    until(lambda: hold.sizes == [1], "the first forward to start")
+    calls = [lambda d=d: post(client, "/classify?top_k=4", d) for d in files[1:]]
+    rest, threads = in_threads(calls)
+    until(lambda: batcher.depth == len(calls), "the other requests to queue")
+    hold.release.set()
+    for thread in first_threads + threads:
+        thread.join(WAIT)
+
+    assert hold.sizes == [1, len(calls)]
+    for response, probabilities in zip(first + rest, alone, strict=True):
+        assert response.status_code == 200
+        got = {p["label"]: p["score"] for p in response.json()["predictions"]}
+        classes = service.bundle.config.classes
+        expected = {classes[i]: float(p) for i, p in enumerate(probabilities)}
+        assert got.keys() == expected.keys()
+        assert got == pytest.approx(expected, abs=1e-4)
+    body = client.get("/metrics").text
+    assert "imgsim_inference_batch_size_count 2.0" in body
+    assert f"imgsim_inference_batch_size_sum {float(1 + len(calls))}" in body
+
+
+def test_batched_similar_answers_as_unbatched(
+    trained_bundle_dir: Path, index_dir: Path, shapes_dir: Path
+) -> None:
+    files = [(shapes_dir / n / f"{n}_{i:03d}.png").read_bytes() for n, i in SHAPES]
+    app, _ = serving(trained_bundle_dir, index_dir, max_batch=1)
+    with TestClient(app) as client:
+        one_by_one = [post(client, "/similar?k=3", d).json()["neighbours"] for d in files]
+    app, _ = serving(trained_bundle_dir, index_dir, max_batch=8, max_wait_ms=200)
+    with TestClient(app) as client:
+        together, threads = in_threads([lambda d=d: post(client, "/similar?k=3", d) for d in files])
+        for thread in threads:
+            thread.join(WAIT)
+        sizes = client.app.state.metrics.batch_size.collect()[0].samples  # type: ignore[attr-defined]
+    forwards = next(s.value for s in sizes if s.name.endswith("_count"))
+    assert forwards < len(files)  # some requests shared a forward
+    for response, alone in zip(together, one_by_one, strict=True):
+        neighbours = response.json()["neighbours"]
+        assert [n["id"] for n in neighbours] == [n["id"] for n in alone]
+        assert [n["score"] for n in neighbours] == pytest.approx([n["score"] for n in alone])
+
+
+def test_a_full_queue_answers_503_with_retry_after_and_health_stays_fast(
+    held: tuple[TestClient, HeldEncode, Service], shapes_dir: Path
+) -> None:
+    client, hold, _ = held
+    batcher = client.app.state.batcher  # type: ignore[attr-defined]
+    data = (shapes_dir / "star" / "star_000.png").read_bytes()
+    first, first_threads = in_threads([lambda: post(client, "/classify", data)])
+    until(lambda: hold.sizes == [1], "the first forward to start")
+    queued, threads = in_threads([lambda: post(client, "/classify", data) for _ in range(4)])
+    until(lambda: batcher.depth == 4, "the queue to fill")
+
+    started = time.perf_counter()
+    refused = post(client, "/classify", data)
+    health = client.get("/health")
+    ready = client.get("/ready")
+    elapsed = time.perf_counter() - started
+    assert refused.status_code == 503
+    assert int(refused.headers["Retry-After"]) >= 1
+    assert "busy" in refused.json()["detail"]
+    assert health.status_code == 200 and ready.status_code == 200
+    assert ready.json()["queue_depth"] == 4
+    assert elapsed < 5  # answered while the forward is held, not after it
+
+    hold.release.set()
+    for thread in first_threads + threads:
+        thread.join(WAIT)
+    assert [r.status_code for r in first + queued] == [200] * 5
+    assert "imgsim_rejected_requests_total 1.0" in client.get("/metrics").text
+
+
+def test_ready_is_503_without_an_index(trained_bundle_dir: Path) -> None:
+    settings = Settings(device="cpu")  # no bundle folder, no index folder: nowhere to search
+    service = Service(settings, Bundle.load(trained_bundle_dir, "cpu"), None)
+    with TestClient(create_app(settings, service)) as client:
+        response = client.get("/ready")
+        assert response.status_code == 503
+        assert "no index" in response.json()["detail"]
+        assert client.get("/health").status_code == 200
+
+
+def test_threads_default_to_the_cores_this_process_may_use(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("IMGSIM_THREADS", raising=False)
+    assert 1 <= Settings().threads == available_cpus() <= len(os.sched_getaffinity(0))
+    monkeypatch.setenv("IMGSIM_THREADS", "1")
+    assert Settings().threads == 1
