@@ -12,7 +12,7 @@ For each bundle and runtime, in this order (never two at once):
   probed every 100 ms during the 64-client run; server memory before and after.
 Then the targets are checked and printed PASS/FAIL, and benchmarks/serve_load.md is written.
 
-    python benchmarks/serve_load.py [--quick] [--runtimes torch,onnx,onnx-int8]
+    python -m benchmarks.serve_load [--quick] [--runtimes torch,onnx,onnx-int8]
         [--model BUNDLE ...] [--unbatched]
 
 Without --model: efficientnet_lite0 fine-tuned on the Tux Paint split of benchmarks/transfer.py
@@ -287,6 +287,8 @@ def default_bundles(work: Path, stamps: Path) -> tuple[list[Path], Path]:
     dense = work / "densenet121-random"
     if not BundleLayout(dense).weights.is_file():
         Bundle.pretrained("densenet121", "none", "cpu").save(dense)
+    if not BundleLayout(dense).onnx_int8.is_file():  # it records no training folder
+        Bundle.load(dense, "cpu").use_runtime("onnx-int8", calibration=split / "train")
     return [lite0, dense], split
 
 
