@@ -52,6 +52,11 @@ def test_health(client: TestClient) -> None:
     assert body["classes"] == 4 and body["index_size"] == 40 and body["device"] == "cpu"
 
 
+def test_page_shows_what_is_loaded(client: TestClient) -> None:
+    page = client.get("/").text
+    assert "resnet18" in page and f"{client.get('/health').json()['image_size']}" in page
+
+
 def test_classify(client: TestClient, shapes_dir: Path) -> None:
     data = (shapes_dir / "star" / "star_000.png").read_bytes()
     body = client.post("/classify?top_k=3", files=upload(data)).json()

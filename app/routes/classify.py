@@ -10,6 +10,7 @@ from app.auth import write_policy
 from app.dependencies import BatcherDep, ImageDep, ServiceDep
 from app.routes import ERRORS
 from app.schemas import ClassifyResponse, Health, Prediction
+from app.service import Service
 
 router = APIRouter()
 
@@ -18,6 +19,11 @@ router = APIRouter()
 async def health(service: ServiceDep) -> Health:
     """What is served: backbone, number of classes, device, model fingerprint, index size.
     Liveness: answered on the event loop, in milliseconds even while the model is busy."""
+    return describe(service)
+
+
+def describe(service: Service) -> Health:
+    """What is served, as /health answers it (the page shows the same record)."""
     bundle, gallery = service.bundle, service.gallery
     return Health(
         status="ok",

@@ -8,7 +8,7 @@ from fastapi.templating import Jinja2Templates
 from jinja2 import Environment, PackageLoader, select_autoescape
 
 from app.dependencies import ServiceDep
-from app.routes.classify import health
+from app.routes.classify import describe
 from app.schemas import IndexInfo
 from app.thumbnails import DEFAULT_SIZE
 
@@ -28,7 +28,7 @@ def page(request: Request, service: ServiceDep) -> HTMLResponse:
         request,
         "index.html",
         {
-            "health": health(service),
+            "health": describe(service),
             "index": IndexInfo(**gallery.info()) if gallery is not None else None,
             "classes": classes[:SHOWN_CLASSES],
             "more_classes": max(0, len(classes) - SHOWN_CLASSES),
