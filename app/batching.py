@@ -1,10 +1,12 @@
 """Micro-batching: the images of requests that arrive together share one forward of the model.
 
-Route handlers hand their decoded images to the one `Batcher` of the app and await their own
-rows. Its worker takes the waiting requests (up to `max_batch` images, waiting at most
-`max_wait_ms` for more), runs them as one `encode` call in its own thread, and answers each
-request with its rows. The queue is bounded: a request that would overfill it is refused at
-once with `ServiceBusy` (503 + Retry-After) instead of waiting longer and longer.
+Route handlers hand their preprocessed images (decoded and normalised in the request's thread,
+`Bundle.preprocess`) to the one `Batcher` of the app and await their own rows. Its worker takes
+the waiting requests (up to `max_batch` images, waiting at most `max_wait_ms` for more), stacks
+them and runs one forward (`Bundle.forward`) in its own thread, and answers each request with
+its rows. That thread runs nothing but forwards, so the model never waits for the requests'
+own work. The queue is bounded: a request that would overfill it is refused at once with
+`ServiceBusy` (503 + Retry-After) instead of waiting longer and longer.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from PIL import Image
+import torch
 
 from app.errors import NotReady, ServiceBusy
 from app.metrics import Metrics
@@ -26,13 +28,13 @@ from models.bundle import Encoded
 
 log = logging.getLogger(__name__)
 
-Encode = Callable[[list[Image.Image]], Encoded]  # one forward over all the images given
+Forward = Callable[[torch.Tensor], Encoded]  # one forward of a batch (N, 3, S, S)
 FIRST_GUESS_S = 0.1  # seconds per image assumed for Retry-After before the first forward
 
 
 @dataclass
 class _Job:
-    images: list[Image.Image]
+    images: list[torch.Tensor]  # each (3, S, S)
     future: asyncio.Future[Encoded]
 
 
@@ -41,7 +43,7 @@ class Batcher:
 
     def __init__(
         self,
-        encode: Encode,
+        forward: Forward,
         max_batch: int,
         max_wait_ms: float,
         queue_size: int,
@@ -49,7 +51,7 @@ class Batcher:
     ):
         self.max_batch, self.queue_size = max_batch, queue_size
         self.max_wait_s = max_wait_ms / 1000
-        self._encode, self._metrics = encode, metrics
+        self._forward_batch, self._metrics = forward, metrics
         self._jobs: deque[_Job] = deque()
         self._pending = 0  # images queued, not yet taken into a batch
         self._seconds_per_image = FIRST_GUESS_S
@@ -99,8 +101,9 @@ class Batcher:
                 retry_after=max(1, wait),
             )
 
-    async def encode(self, images: list[Image.Image]) -> Encoded:
-        """Embeddings and logits of these images, computed in a batch with other requests'."""
+    async def encode(self, images: list[torch.Tensor]) -> Encoded:
+        """Embeddings and logits of these preprocessed images (each 3, S, S), computed in a
+        batch with other requests'."""
         self.admit(len(images))
         job = _Job(images, asyncio.get_running_loop().create_future())
         self._jobs.append(job)
@@ -140,14 +143,14 @@ class Batcher:
                 return batch
 
     async def _forward(self, batch: list[_Job]) -> None:
-        """Run the batch as one encode call and answer each job with its own rows."""
+        """Run the batch as one forward and answer each job with its own rows."""
         images = [image for job in batch for image in job.images]
         started = time.perf_counter()
         try:
             encoded = await asyncio.get_running_loop().run_in_executor(
-                self._thread, self._encode, images
+                self._thread, self._stacked_forward, images
             )
-        except Exception as error:  # the images were decoded already: a failure is the model's
+        except Exception as error:  # the images were preprocessed already: a failure is the model's
             log.exception("a forward of %d images failed", len(images))
             for job in batch:
                 if not job.future.done():
@@ -163,3 +166,6 @@ class Batcher:
             if not job.future.done():
                 job.future.set_result(encoded.rows(start, end))
             start = end
+
+    def _stacked_forward(self, images: list[torch.Tensor]) -> Encoded:
+        return self._forward_batch(torch.stack(images))

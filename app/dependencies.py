@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Annotated
 
+import torch
 from fastapi import Depends, File, Request, UploadFile
 from PIL import Image
 
@@ -42,11 +43,13 @@ AdmittedDep = Annotated[None, Depends(admitted)]
 
 @dataclass(frozen=True)
 class Upload:
-    """One uploaded image: its bytes, content hash and decoded pixels."""
+    """One uploaded image: its bytes, content hash, decoded image and the model's input made of
+    it (preprocessed here, in the request's thread, so the inference worker only runs forwards)."""
 
     data: bytes
     sha256: str
     image: Image.Image
+    pixels: torch.Tensor  # (3, S, S), as Bundle.preprocess makes it
 
     @cached_property
     def suffix(self) -> str:
@@ -64,7 +67,8 @@ def read_upload(service: Service, file: UploadFile) -> Upload:
     if len(data) > limit:
         raise UploadTooLarge(f"the upload is larger than the limit of {limit:,} bytes")
     image = service.bundle.decode(data, service.settings.max_pixels)
-    return Upload(data, hashlib.sha256(data).hexdigest(), image)
+    pixels = service.bundle.preprocess(image)
+    return Upload(data, hashlib.sha256(data).hexdigest(), image, pixels)
 
 
 def uploaded(_: AdmittedDep, service: ServiceDep, file: Annotated[UploadFile, File()]) -> Upload:

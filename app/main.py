@@ -64,11 +64,12 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
 
 
 def start_batcher(service: Service, metrics: Metrics) -> Batcher:
-    """The inference worker, with the model's intra-op threads set from the settings."""
+    """The inference worker, with torch's intra-op threads set from the settings (the ONNX
+    Runtime session has its own, set when it was opened)."""
     settings = service.settings
-    torch.set_num_threads(settings.threads)
+    torch.set_num_threads(settings.torch_threads(service.bundle.runtime.name))
     batcher = Batcher(
-        lambda images: service.bundle.encode(images, batch_size=len(images)),
+        lambda pixels: service.bundle.forward(pixels),
         settings.max_batch,
         settings.max_wait_ms,
         settings.queue_size,

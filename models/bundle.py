@@ -123,6 +123,7 @@ class Bundle:
         self.fingerprint = fingerprint_of(self.net.state_dict())
         self.directory: Path | None = None  # the folder it was loaded from, if any
         self.runtime: Runtime = TorchRuntime(self.net, self.device)
+        self._transform = eval_transform(config.preprocessing)
 
     @property
     def embedding_dim(self) -> int:
@@ -204,7 +205,6 @@ class Bundle:
         encoded = self.encode(inputs, batch_size, workers)
         return _softmax(encoded.logits), encoded.embeddings
 
-    @torch.inference_mode()
     def encode(
         self,
         inputs: Input | Sequence[Input],
@@ -212,21 +212,33 @@ class Bundle:
         workers: int = 0,
         skip_unreadable: bool = False,
     ) -> Encoded:
-        """The one encode path: decode (files and bytes), resize, crop, normalise, forward in
-        batches. workers > 0 decodes in DataLoader processes, with a progress bar. With
-        skip_unreadable, an image that cannot be decoded is left out and listed in `failed`
-        instead of raising UnsupportedImage."""
+        """The one encode path: decode (files and bytes), resize, crop, normalise (`batches`),
+        forward in batches (`forward`). workers > 0 decodes in DataLoader processes, with a
+        progress bar. With skip_unreadable, an image that cannot be decoded is left out and
+        listed in `failed` instead of raising UnsupportedImage."""
         embeddings = [np.zeros((0, self.embedding_dim), np.float32)]
         logits = [np.zeros((0, len(self.config.classes)), np.float32)]
         reasons: list[str] = []
         for x, why in self.batches(inputs, batch_size, workers, skip_unreadable):
-            embedded, logit = self.runtime(x)
-            embeddings.append(embedded)
-            logits.append(logit)
+            encoded = self.forward(x)
+            embeddings.append(encoded.embeddings)
+            logits.append(encoded.logits)
             reasons += why
         kept = [i for i, why in enumerate(reasons) if not why]
         failed = [(i, why) for i, why in enumerate(reasons) if why]
         return Encoded(np.concatenate(embeddings)[kept], np.concatenate(logits)[kept], failed)
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """One decoded image as `batches` prepares it (resized, cropped, normalised: 3, S, S),
+        for callers that batch images themselves (the server's micro-batching)."""
+        return ImageDataset([image], self.config.preprocessing, self._transform)[0][0]
+
+    @torch.inference_mode()
+    def forward(self, pixels: torch.Tensor) -> Encoded:
+        """Embeddings and logits of preprocessed images (N, 3, S, S): one forward of the
+        runtime."""
+        embeddings, logits = self.runtime(pixels)
+        return Encoded(embeddings, logits)
 
     def batches(
         self,
@@ -239,7 +251,7 @@ class Bundle:
         (N, 3, S, S) on the CPU with, per image, why it could not be read ('' if it could)."""
         many = [inputs] if isinstance(inputs, Input) else list(inputs)
         pre = self.config.preprocessing
-        dataset = Readable(ImageDataset(many, pre, eval_transform(pre)), pre.crop_size)
+        dataset = Readable(ImageDataset(many, pre, self._transform), pre.crop_size)
         loader = DataLoader(
             dataset,
             batch_size=batch_size,

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
 from app.cli import main
+from app.main import create_app
 from app.service import load_service
 from app.settings import Settings
 from models.bundle import Bundle
@@ -62,6 +65,31 @@ def test_auto_is_onnx_on_the_cpu_and_the_service_uses_it(bundle_dir: Path):
     assert service.bundle.runtime.name == "onnx"
     torch_service = load_service(Settings(bundle_dir=bundle_dir, device="cpu", runtime="torch"))
     assert torch_service.bundle.runtime.name == "torch"
+
+
+def test_torch_keeps_one_thread_beside_onnx_runtime_and_all_of_them_when_it_runs_the_model(
+    bundle_dir: Path,
+):
+    before = torch.get_num_threads()
+    try:
+        for runtime, expected in (("onnx", 1), ("torch", 2)):
+            settings = Settings(bundle_dir=bundle_dir, device="cpu", runtime=runtime, threads=2)
+            with TestClient(create_app(settings, load_service(settings))) as client:
+                assert _torch_threads_of_a_new_thread() == expected  # as the request threads
+                upload = {"file": ("x.png", noise_png(0), "image/png")}
+                assert client.post("/classify", files=upload).status_code == 200
+    finally:
+        torch.set_num_threads(before)
+
+
+def _torch_threads_of_a_new_thread() -> int:
+    """torch's intra-op threads as a thread started now sees them (each thread takes the
+    process setting when it first runs a torch op)."""
+    seen: list[int] = []
+    thread = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    thread.start()
+    thread.join()
+    return seen[0]
 
 
 def test_an_export_of_other_weights_is_made_again(bundle_dir: Path):

@@ -17,6 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
+import torch
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
@@ -24,25 +25,25 @@ from app.main import create_app
 from app.service import Service, load_service
 from app.settings import Settings, available_cpus
 from app.stages import index_folder
-from models.bundle import Bundle
+from models.bundle import Bundle, Encoded
 
 WAIT = 60.0  # seconds before a stuck test fails instead of hanging
 SHAPES = [("star", 0), ("circle", 1), ("square", 2), ("triangle", 3), ("star", 4)]
 
 
-class HeldEncode:
-    """Wraps Bundle.encode: records each batch's size; the first call waits for `release`."""
+class HeldForward:
+    """Wraps Bundle.forward: records each batch's size; the first call waits for `release`."""
 
-    def __init__(self, encode: Callable[..., Any]):
-        self.encode = encode
+    def __init__(self, forward: Callable[[torch.Tensor], Encoded]):
+        self.forward = forward
         self.sizes: list[int] = []
         self.release = threading.Event()
 
-    def __call__(self, images: list, batch_size: int, **kwargs: Any) -> Any:
-        self.sizes.append(len(images))
+    def __call__(self, pixels: torch.Tensor) -> Encoded:
+        self.sizes.append(len(pixels))
         if len(self.sizes) == 1 and not self.release.wait(WAIT):
             raise TimeoutError("the test never released the first forward")
-        return self.encode(images, batch_size=batch_size, **kwargs)
+        return self.forward(pixels)
 
 
 @pytest.fixture(scope="module")
@@ -85,23 +86,23 @@ def in_threads(calls: list[Callable[[], httpx.Response]]) -> tuple[list, list[th
 @pytest.fixture
 def held(
     trained_bundle_dir: Path, index_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[tuple[TestClient, HeldEncode, Service]]:
+) -> Iterator[tuple[TestClient, HeldForward, Service]]:
     app, service = serving(trained_bundle_dir, index_dir, max_batch=8, queue_size=4)
-    hold = HeldEncode(service.bundle.encode)
+    hold = HeldForward(service.bundle.forward)
     with TestClient(app) as client:
-        monkeypatch.setattr(service.bundle, "encode", hold)
+        monkeypatch.setattr(service.bundle, "forward", hold)
         yield client, hold, service
         hold.release.set()
 
 
 def test_concurrent_requests_share_a_forward_and_each_gets_its_own_answer(
-    held: tuple[TestClient, HeldEncode, Service], shapes_dir: Path
+    held: tuple[TestClient, HeldForward, Service], shapes_dir: Path
 ) -> None:
     client, hold, service = held
     batcher = client.app.state.batcher  # type: ignore[attr-defined]
     files = [(shapes_dir / n / f"{n}_{i:03d}.png").read_bytes() for n, i in SHAPES]
-    decoded = [service.bundle.decode(d) for d in files]
-    alone = [hold.encode([image], batch_size=1).probabilities()[0] for image in decoded]
+    reference = Bundle.load(service.settings.bundle_dir, "cpu")  # the offline encode path
+    alone = [reference.encode(data, batch_size=1).probabilities()[0] for data in files]
 
     first, first_threads = in_threads([lambda: post(client, "/classify?top_k=4", files[0])])
     until(lambda: hold.sizes == [1], "the first forward to start")
@@ -147,7 +148,7 @@ def test_batched_similar_answers_as_unbatched(
 
 
 def test_a_full_queue_answers_503_with_retry_after_and_health_stays_fast(
-    held: tuple[TestClient, HeldEncode, Service], shapes_dir: Path
+    held: tuple[TestClient, HeldForward, Service], shapes_dir: Path
 ) -> None:
     client, hold, _ = held
     batcher = client.app.state.batcher  # type: ignore[attr-defined]

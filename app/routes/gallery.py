@@ -58,7 +58,7 @@ async def similar(
     """The k images of the collection most similar to the upload (multipart field 'file'), best
     first; stored copies of the upload itself (same bytes) are left out."""
     gallery = _gallery(service)
-    embedding = (await batcher.encode([upload.image])).embeddings
+    embedding = (await batcher.encode([upload.pixels])).embeddings
 
     def search() -> list[list[Found]]:
         own = gallery.ids_of_content(upload.sha256)
@@ -92,7 +92,7 @@ async def add_images(
         NewItem(gallery.image_path(u.sha256, u.suffix), label or None, external_id, u.sha256)
         for u in uploads
     ]
-    embeddings = (await batcher.encode([u.image for u in uploads])).embeddings
+    embeddings = (await batcher.encode([u.pixels for u in uploads])).embeddings
     added = await run_in_threadpool(
         gallery.add,
         embeddings,
