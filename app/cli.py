@@ -17,6 +17,7 @@ from index.errors import IndexProblem
 from models.backbones import INSTALLED_BACKBONE
 from models.errors import ImgsimError
 from models.layout import BundleLayout
+from models.memory import retain_freed_memory
 from models.runtime import RUNTIMES
 
 log = logging.getLogger("imgsim")
@@ -52,6 +53,7 @@ collection with FAISS, and serve POST /classify and POST /similar.
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the imgsim console script."""
     args = build_parser().parse_args(argv)
+    retain_freed_memory()  # every command runs forwards: train, index, eval, serve
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader logs every import
     try:

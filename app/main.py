@@ -18,10 +18,12 @@ from app.metrics import Metrics, RequestMetrics
 from app.routes import classify, explain, gallery, images, operations, page
 from app.service import Service, load_service
 from app.settings import Settings
+from models.memory import retain_freed_memory
 
 
 def create_app(settings: Settings | None = None, service: Service | None = None) -> FastAPI:
     """Build the app; the lifespan loads the bundle and index unless a service is given."""
+    retain_freed_memory()  # also when started as `uvicorn --factory app.main:create_app`
     settings = settings or (service.settings if service is not None else Settings())
 
     @asynccontextmanager
