@@ -9,6 +9,7 @@ from functools import cached_property
 from typing import Annotated
 
 import torch
+from anyio import CapacityLimiter, to_thread
 from fastapi import Depends, File, Request, UploadFile
 from PIL import Image
 
@@ -31,6 +32,16 @@ async def get_batcher(request: Request) -> Batcher:
 
 
 BatcherDep = Annotated[Batcher, Depends(get_batcher)]
+
+
+async def get_decoding(request: Request) -> CapacityLimiter:
+    """The threads that read, decode and preprocess uploads: `threads` of them at most, so that
+    under load they neither crowd the event loop (and /health) off the GIL nor the model off
+    the cores."""
+    return request.app.state.decoding
+
+
+DecodingDep = Annotated[CapacityLimiter, Depends(get_decoding)]
 
 
 async def admitted(batcher: BatcherDep) -> None:
@@ -71,23 +82,29 @@ def read_upload(service: Service, file: UploadFile) -> Upload:
     return Upload(data, hashlib.sha256(data).hexdigest(), image, pixels)
 
 
-def uploaded(_: AdmittedDep, service: ServiceDep, file: Annotated[UploadFile, File()]) -> Upload:
+async def uploaded(
+    _: AdmittedDep,
+    service: ServiceDep,
+    decoding: DecodingDep,
+    file: Annotated[UploadFile, File()],
+) -> Upload:
     """The multipart field 'file', read and decoded."""
-    return read_upload(service, file)
+    return await to_thread.run_sync(read_upload, service, file, limiter=decoding)
 
 
-def uploaded_image(upload: Annotated[Upload, Depends(uploaded)]) -> Image.Image:
+async def uploaded_image(upload: Annotated[Upload, Depends(uploaded)]) -> Image.Image:
     """The decoded image of the multipart field 'file'."""
     return upload.image
 
 
-def uploaded_files(
+async def uploaded_files(
     _: AdmittedDep,
     service: ServiceDep,
+    decoding: DecodingDep,
     files: Annotated[list[UploadFile], File(description="images")],
 ) -> list[Upload]:
     """Every multipart field 'files', read and decoded."""
-    return [read_upload(service, file) for file in files]
+    return [await to_thread.run_sync(read_upload, service, f, limiter=decoding) for f in files]
 
 
 UploadDep = Annotated[Upload, Depends(uploaded)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import anyio
 import torch
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -31,6 +32,7 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
         app.state.service = loaded = service or load_service(settings)
         log_write_policy(loaded.settings)
         app.state.batcher = batcher = start_batcher(loaded, metrics)
+        app.state.decoding = anyio.CapacityLimiter(loaded.settings.threads)
         metrics.watch(loaded, lambda: batcher.depth)
         yield
         await batcher.stop()
