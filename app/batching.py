@@ -5,8 +5,10 @@ Route handlers hand their preprocessed images (decoded and normalised in the req
 the waiting requests (up to `max_batch` images, waiting at most `max_wait_ms` for more), stacks
 them and runs one forward (`Bundle.forward`) in its own thread, and answers each request with
 its rows. That thread runs nothing but forwards, so the model never waits for the requests'
-own work. The queue is bounded: a request that would overfill it is refused at once with
-`ServiceBusy` (503 + Retry-After) instead of waiting longer and longer.
+own work. The queue is bounded, and it counts an upload from the moment its request is admitted
+(`preparing`: waiting for a decoding thread, being decoded) until it is taken into a forward: a
+request that would overfill it is refused at once with `ServiceBusy` (503 + Retry-After)
+instead of waiting longer and longer, in the queue or before it.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -54,6 +57,7 @@ class Batcher:
         self._forward_batch, self._metrics = forward, metrics
         self._jobs: deque[_Job] = deque()
         self._pending = 0  # images queued, not yet taken into a batch
+        self._preparing = 0  # images admitted, still being read and decoded by their requests
         self._seconds_per_image = FIRST_GUESS_S
         self._arrived = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -62,8 +66,8 @@ class Batcher:
 
     @property
     def depth(self) -> int:
-        """Images waiting for the model."""
-        return self._pending
+        """Images waiting for the model: queued, or admitted and being decoded."""
+        return self._pending + self._preparing
 
     @property
     def running(self) -> bool:
@@ -91,19 +95,32 @@ class Batcher:
         than the whole queue is taken when the queue is empty)."""
         if not self.running:
             raise NotReady("the inference worker is not running; the service is not ready")
-        if self._pending and self._pending + count > self.queue_size:
+        waiting = self.depth
+        if waiting and waiting + count > self.queue_size:
             if self._metrics is not None:
                 self._metrics.rejected.inc()
-            wait = math.ceil((self._pending + count) * self._seconds_per_image)
+            wait = math.ceil((waiting + count) * self._seconds_per_image)
             raise ServiceBusy(
-                f"the service is busy: {self._pending} images are waiting for the model; "
+                f"the service is busy: {waiting} images are waiting for the model; "
                 "retry after the time in the Retry-After header",
                 retry_after=max(1, wait),
             )
 
+    @contextmanager
+    def preparing(self, count: int = 1) -> Iterator[None]:
+        """Admit `count` images (or raise ServiceBusy) and count them in the queue while their
+        request reads and decodes them, so that requests waiting to be decoded are bounded too."""
+        self.admit(count)
+        self._preparing += count
+        try:
+            yield
+        finally:
+            self._preparing -= count
+
     async def encode(self, images: list[torch.Tensor]) -> Encoded:
         """Embeddings and logits of these preprocessed images (each 3, S, S), computed in a
-        batch with other requests'."""
+        batch with other requests'. Admitted again: a request may have come in without
+        `preparing`."""
         self.admit(len(images))
         job = _Job(images, asyncio.get_running_loop().create_future())
         self._jobs.append(job)

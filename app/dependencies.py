@@ -44,14 +44,6 @@ async def get_decoding(request: Request) -> CapacityLimiter:
 DecodingDep = Annotated[CapacityLimiter, Depends(get_decoding)]
 
 
-async def admitted(batcher: BatcherDep) -> None:
-    """Refuse a request at once, before its upload is decoded, when the queue is full."""
-    batcher.admit()
-
-
-AdmittedDep = Annotated[None, Depends(admitted)]
-
-
 @dataclass(frozen=True)
 class Upload:
     """One uploaded image: its bytes, content hash, decoded image and the model's input made of
@@ -83,13 +75,15 @@ def read_upload(service: Service, file: UploadFile) -> Upload:
 
 
 async def uploaded(
-    _: AdmittedDep,
     service: ServiceDep,
+    batcher: BatcherDep,
     decoding: DecodingDep,
     file: Annotated[UploadFile, File()],
 ) -> Upload:
-    """The multipart field 'file', read and decoded."""
-    return await to_thread.run_sync(read_upload, service, file, limiter=decoding)
+    """The multipart field 'file', read and decoded; refused at once (503) when the queue is
+    full, before it waits for a decoding thread."""
+    with batcher.preparing():
+        return await to_thread.run_sync(read_upload, service, file, limiter=decoding)
 
 
 async def uploaded_image(upload: Annotated[Upload, Depends(uploaded)]) -> Image.Image:
@@ -98,13 +92,16 @@ async def uploaded_image(upload: Annotated[Upload, Depends(uploaded)]) -> Image.
 
 
 async def uploaded_files(
-    _: AdmittedDep,
     service: ServiceDep,
+    batcher: BatcherDep,
     decoding: DecodingDep,
     files: Annotated[list[UploadFile], File(description="images")],
 ) -> list[Upload]:
-    """Every multipart field 'files', read and decoded."""
-    return [await to_thread.run_sync(read_upload, service, f, limiter=decoding) for f in files]
+    """Every multipart field 'files', read and decoded (admitted as uploaded is)."""
+    with batcher.preparing(len(files)):
+        return [
+            await to_thread.run_sync(read_upload, service, file, limiter=decoding) for file in files
+        ]
 
 
 UploadDep = Annotated[Upload, Depends(uploaded)]

@@ -177,6 +177,34 @@ def test_a_full_queue_answers_503_with_retry_after_and_health_stays_fast(
     assert "imgsim_rejected_requests_total 1.0" in client.get("/metrics").text
 
 
+def test_uploads_waiting_to_be_decoded_count_in_the_queue(
+    trained_bundle_dir: Path, index_dir: Path, shapes_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With one decoding thread held, the request it decodes and the one waiting for it fill a
+    queue of 2: the third is refused at once instead of waiting behind them."""
+    app, service = serving(trained_bundle_dir, index_dir, queue_size=2, threads=1)
+    decode, release = service.bundle.decode, threading.Event()
+
+    def held_decode(*args: Any, **kwargs: Any) -> Any:
+        if not release.wait(WAIT):
+            raise TimeoutError("the test never released the decoding")
+        return decode(*args, **kwargs)
+
+    data = (shapes_dir / "star" / "star_000.png").read_bytes()
+    with TestClient(app) as client:
+        monkeypatch.setattr(service.bundle, "decode", held_decode)
+        batcher = client.app.state.batcher  # type: ignore[attr-defined]
+        admitted, threads = in_threads([lambda: post(client, "/classify", data)] * 2)
+        until(lambda: batcher.depth == 2, "both uploads to be admitted")
+        refused = post(client, "/classify", data)
+        assert refused.status_code == 503 and "Retry-After" in refused.headers
+        release.set()
+        for thread in threads:
+            thread.join(WAIT)
+        assert [r.status_code for r in admitted] == [200, 200]
+        assert batcher.depth == 0
+
+
 def test_ready_is_503_without_an_index(trained_bundle_dir: Path) -> None:
     settings = Settings(device="cpu")  # no bundle folder, no index folder: nowhere to search
     service = Service(settings, Bundle.load(trained_bundle_dir, "cpu"), None)
