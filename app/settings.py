@@ -83,7 +83,8 @@ class Settings(BaseSettings):
 
     # Serving under load (see README "Serving under load"; defaults measured in
     # benchmarks/serve_load.md). One inference worker runs one forward at a time with `threads`
-    # intra-op threads; the requests' decoding and preprocessing run beside it in the threadpool.
+    # intra-op threads; the requests' decoding and preprocessing run beside it, in at most
+    # `threads` threads at once.
     # Measured on 2 cores (lite0, serve_load.md): offline img/s peaks at batch 4 and falls at 16,
     # and waiting for a batch only adds latency, so the worker takes what is queued (wait 0).
     threads: int = Field(
