@@ -23,11 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from benchmarks.transfer import STAMPS
 from models.backbones import preprocessing_for
 from models.data import ImageDataset, find_images, label_of, train_transform
 from models.network import build_net
 
-STAMPS = Path("/work/data/stamps/usr/share/tuxpaint/stamps")
 OUT = Path(__file__).with_name("loader.md")
 
 

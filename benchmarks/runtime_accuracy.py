@@ -31,6 +31,7 @@ from models.backbones import preprocessing_for
 from models.bundle import Bundle, BundleConfig
 from models.data import list_class_folders, load_splits
 from models.layout import BundleLayout
+from models.memory import retain_freed_memory
 from models.metrics import recall_at_k
 from models.network import build_net
 from models.runtime import CALIBRATION_IMAGES
@@ -142,6 +143,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=30, help="batch-1 forwards per runtime")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    retain_freed_memory()  # as `imgsim serve` runs: eager PyTorch keeps its activations' pages
     data = args.work / "data"
     if args.reuse and (data / "train").is_dir():
         train_dir, test_dir = data / "train", data / "test"
