@@ -9,6 +9,14 @@ own work. The queue is bounded, and it counts an upload from the moment its requ
 (`preparing`: waiting for a decoding thread, being decoded) until it is taken into a forward: a
 request that would overfill it is refused at once with `ServiceBusy` (503 + Retry-After)
 instead of waiting longer and longer, in the queue or before it.
+
+Only the worker's thread runs torch with more than one intra-op thread (`threads`); every other
+thread of the process (the event loop's, which loads the model; the decoding threads) runs
+torch on one (`single_threaded_torch`). PyTorch's OpenMP gives each thread that runs a parallel
+op its own team of threads, kept for the thread's life, and once libgomp manages more threads
+than there are cores, every team stops spinning between ops and sleeps instead: a second team
+anywhere in the process, even idle, made each batch-1 forward of efficientnet_lite0 on 2 cores
+2.3x slower (14.5 -> 34.8 ms, benchmarks/serve_load.md).
 """
 
 from __future__ import annotations
@@ -51,6 +59,7 @@ class Batcher:
         max_wait_ms: float,
         queue_size: int,
         metrics: Metrics | None = None,
+        threads: int = 1,
     ):
         self.max_batch, self.queue_size = max_batch, queue_size
         self.max_wait_s = max_wait_ms / 1000
@@ -61,8 +70,12 @@ class Batcher:
         self._seconds_per_image = FIRST_GUESS_S
         self._arrived = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        # The model runs in this one thread, so the event loop never waits for a forward.
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="imgsim-inference")
+        # The model runs in this one thread, so the event loop never waits for a forward; it is
+        # started now, so that its torch threads are set before any other thread's.
+        self._thread = ThreadPoolExecutor(
+            1, "imgsim-inference", initializer=_intra_op_threads, initargs=(threads,)
+        )
+        self._thread.submit(torch.get_num_threads).result()
 
     @property
     def depth(self) -> int:
@@ -186,3 +199,16 @@ class Batcher:
 
     def _stacked_forward(self, images: list[torch.Tensor]) -> Encoded:
         return self._forward_batch(torch.stack(images))
+
+
+def _intra_op_threads(count: int) -> None:
+    """This thread's torch intra-op threads. torch.get_num_threads() first: a thread takes the
+    process-wide count at its first torch op, which would otherwise undo this later."""
+    torch.get_num_threads()
+    torch.set_num_threads(count)
+
+
+def single_threaded_torch() -> None:
+    """torch in this thread, and in every thread that has not run a torch op yet, runs on one
+    intra-op thread (see the module docstring)."""
+    torch.set_num_threads(1)

@@ -6,14 +6,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import anyio
-import torch
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 
 from app import errors
 from app.auth import log_write_policy
-from app.batching import Batcher
+from app.batching import Batcher, single_threaded_torch
 from app.limits import BodyLimits, form_limits
 from app.metrics import Metrics, RequestMetrics
 from app.routes import classify, explain, gallery, images, operations, page
@@ -29,6 +28,7 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        single_threaded_torch()  # the loading thread starts no OpenMP team of its own
         app.state.service = loaded = service or load_service(settings)
         log_write_policy(loaded.settings)
         app.state.batcher = batcher = start_batcher(loaded, metrics)
@@ -68,16 +68,18 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
 
 
 def start_batcher(service: Service, metrics: Metrics) -> Batcher:
-    """The inference worker, with torch's intra-op threads set from the settings (the ONNX
-    Runtime session has its own, set when it was opened)."""
+    """The inference worker, whose thread alone runs torch with the settings' intra-op threads
+    (the ONNX Runtime session has its own, set when it was opened); every other thread, now and
+    later, runs torch on one."""
     settings = service.settings
-    torch.set_num_threads(settings.torch_threads(service.bundle.runtime.name))
     batcher = Batcher(
         lambda pixels: service.bundle.forward(pixels),
         settings.max_batch,
         settings.max_wait_ms,
         settings.queue_size,
         metrics,
+        threads=settings.torch_threads(service.bundle.runtime.name),
     )
+    single_threaded_torch()
     batcher.start()
     return batcher

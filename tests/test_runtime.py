@@ -67,19 +67,35 @@ def test_auto_is_onnx_on_the_cpu_and_the_service_uses_it(bundle_dir: Path):
     assert torch_service.bundle.runtime.name == "torch"
 
 
-def test_torch_keeps_one_thread_beside_onnx_runtime_and_all_of_them_when_it_runs_the_model(
-    bundle_dir: Path,
-):
+def test_only_the_inference_thread_runs_torch_on_several_threads(bundle_dir: Path):
+    """One OpenMP team in the process: the forward's (all the threads when torch runs the
+    model, one beside ONNX Runtime); loading, decoding and preprocessing run torch on one."""
     before = torch.get_num_threads()
     try:
         for runtime, expected in (("onnx", 1), ("torch", 2)):
             settings = Settings(bundle_dir=bundle_dir, device="cpu", runtime=runtime, threads=2)
-            with TestClient(create_app(settings, load_service(settings))) as client:
-                assert _torch_threads_of_a_new_thread() == expected  # as the request threads
+            service = load_service(settings)
+            seen: dict[str, list[int]] = {"forward": [], "preprocess": []}
+            for name in seen:
+                _record_threads(service.bundle, name, seen[name])
+            with TestClient(create_app(settings, service)) as client:
                 upload = {"file": ("x.png", noise_png(0), "image/png")}
                 assert client.post("/classify", files=upload).status_code == 200
+                assert _torch_threads_of_a_new_thread() == 1
+            assert seen == {"forward": [expected], "preprocess": [1]}, runtime
     finally:
         torch.set_num_threads(before)
+
+
+def _record_threads(bundle: Bundle, method: str, seen: list[int]) -> None:
+    """Record torch's intra-op threads in the thread that calls bundle.<method>."""
+    original = getattr(bundle, method)
+
+    def recorded(*args):
+        seen.append(torch.get_num_threads())
+        return original(*args)
+
+    setattr(bundle, method, recorded)
 
 
 def _torch_threads_of_a_new_thread() -> int:
