@@ -16,7 +16,7 @@ torch on one (`single_threaded_torch`). PyTorch's OpenMP gives each thread that 
 op its own team of threads, kept for the thread's life, and once libgomp manages more threads
 than there are cores, every team stops spinning between ops and sleeps instead: a second team
 anywhere in the process, even idle, made each batch-1 forward of efficientnet_lite0 on 2 cores
-2.3x slower (14.5 -> 34.8 ms, benchmarks/serve_load.md).
+2.4x slower (14.8 -> 35.5 ms, benchmarks/openmp_teams.md).
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ class Batcher:
         # The model runs in this one thread, so the event loop never waits for a forward; it is
         # started now, so that its torch threads are set before any other thread's.
         self._thread = ThreadPoolExecutor(
-            1, "imgsim-inference", initializer=_intra_op_threads, initargs=(threads,)
+            1, "imgsim-inference", initializer=intra_op_threads, initargs=(threads,)
         )
         self._thread.submit(torch.get_num_threads).result()
 
@@ -201,7 +201,7 @@ class Batcher:
         return self._forward_batch(torch.stack(images))
 
 
-def _intra_op_threads(count: int) -> None:
+def intra_op_threads(count: int) -> None:
     """This thread's torch intra-op threads. torch.get_num_threads() first: a thread takes the
     process-wide count at its first torch op, which would otherwise undo this later."""
     torch.get_num_threads()

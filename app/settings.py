@@ -85,8 +85,10 @@ class Settings(BaseSettings):
     # benchmarks/serve_load.md). One inference worker runs one forward at a time with `threads`
     # intra-op threads; the requests' decoding and preprocessing run beside it, in at most
     # `threads` threads at once.
-    # Measured on 2 cores (lite0, serve_load.md): offline img/s peaks at batch 4 and falls at 16,
-    # and waiting for a batch only adds latency, so the worker takes what is queued (wait 0).
+    # Measured on 2 cores (serve_load.md): offline img/s peaks at batch 4 (lite0 torch) or 8
+    # (densenet121) and is flat beyond 4 under ONNX Runtime; served with 16 clients, max_batch 4
+    # gives 4-25 % more req/s than max_batch 1 in every bundle and runtime. Waiting for a batch
+    # only adds latency, so the worker takes what is queued (wait 0).
     threads: int = Field(
         default_factory=available_cpus,
         gt=0,
