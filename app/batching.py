@@ -11,12 +11,12 @@ request that would overfill it is refused at once with `ServiceBusy` (503 + Retr
 instead of waiting longer and longer, in the queue or before it.
 
 Only the worker's thread runs torch with more than one intra-op thread (`threads`); every other
-thread of the process (the event loop's, which loads the model; the decoding threads) runs
-torch on one (`single_threaded_torch`). PyTorch's OpenMP gives each thread that runs a parallel
-op its own team of threads, kept for the thread's life, and once libgomp manages more threads
-than there are cores, every team stops spinning between ops and sleeps instead: a second team
-anywhere in the process, even idle, made each batch-1 forward of efficientnet_lite0 on 2 cores
-2.4x slower (14.8 -> 35.5 ms, benchmarks/openmp_teams.md).
+thread of the process (the one that loads the model, `load_service`; the event loop's; the
+decoding threads) runs torch on one (`single_threaded_torch`). PyTorch's OpenMP gives each
+thread that runs a parallel op its own team of threads, kept for the thread's life, and once
+libgomp manages more threads than there are cores, every team stops spinning between ops and
+sleeps instead: a second team anywhere in the process, even idle, made each batch-1 forward of
+efficientnet_lite0 on 2 cores 2.4x slower (14.8 -> 35.5 ms, benchmarks/openmp_teams.md).
 """
 
 from __future__ import annotations
@@ -70,12 +70,13 @@ class Batcher:
         self._seconds_per_image = FIRST_GUESS_S
         self._arrived = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        # The model runs in this one thread, so the event loop never waits for a forward; it is
-        # started now, so that its torch threads are set before any other thread's.
+        # The model runs in this one thread, so the event loop never waits for a forward. It is
+        # started now, with its own torch threads; then every other thread is left on one.
         self._thread = ThreadPoolExecutor(
             1, "imgsim-inference", initializer=intra_op_threads, initargs=(threads,)
         )
         self._thread.submit(torch.get_num_threads).result()
+        single_threaded_torch()
 
     @property
     def depth(self) -> int:

@@ -12,7 +12,7 @@ from fastapi.staticfiles import StaticFiles
 
 from app import errors
 from app.auth import log_write_policy
-from app.batching import Batcher, single_threaded_torch
+from app.batching import Batcher
 from app.limits import BodyLimits, form_limits
 from app.metrics import Metrics, RequestMetrics
 from app.routes import classify, explain, gallery, images, operations, page
@@ -28,7 +28,6 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        single_threaded_torch()  # the loading thread starts no OpenMP team of its own
         app.state.service = loaded = service or load_service(settings)
         log_write_policy(loaded.settings)
         app.state.batcher = batcher = start_batcher(loaded, metrics)
@@ -69,8 +68,7 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
 
 def start_batcher(service: Service, metrics: Metrics) -> Batcher:
     """The inference worker, whose thread alone runs torch with the settings' intra-op threads
-    (the ONNX Runtime session has its own, set when it was opened); every other thread, now and
-    later, runs torch on one."""
+    (the ONNX Runtime session has its own, set when it was opened)."""
     settings = service.settings
     batcher = Batcher(
         lambda pixels: service.bundle.forward(pixels),
@@ -80,6 +78,5 @@ def start_batcher(service: Service, metrics: Metrics) -> Batcher:
         metrics,
         threads=settings.torch_threads(service.bundle.runtime.name),
     )
-    single_threaded_torch()
     batcher.start()
     return batcher

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
+from app.batching import single_threaded_torch
 from app.errors import ImageFileMissing
 from app.settings import Settings
 from app.thumbnails import Thumbnails
@@ -71,7 +72,10 @@ class Service:
 
 
 def load_service(settings: Settings) -> Service:
-    """Load the bundle (or the pretrained backbone) and its index, refusing a mismatched index."""
+    """Load the bundle (or the pretrained backbone) and its index, refusing a mismatched index.
+    torch runs on one thread here: only the inference worker's thread may start an OpenMP team
+    (app/batching.py)."""
+    single_threaded_torch()
     if settings.bundle_dir is not None:
         bundle = Bundle.load(settings.bundle_dir, settings.device)
     else:

@@ -13,7 +13,6 @@ from typing import Any
 import numpy as np
 import uvicorn
 
-from app.batching import single_threaded_torch
 from app.main import create_app
 from app.service import load_service
 from app.settings import Settings
@@ -128,7 +127,6 @@ def serve(settings: Settings, host: str = "127.0.0.1", port: int = 8000) -> None
     """Load the bundle and index (errors surface here, before the server starts) and serve.
     Writes are refused on a non-loopback host without an API key (see app/auth.py)."""
     settings = settings.model_copy(update={"host": host})
-    single_threaded_torch()  # only the inference worker's thread runs torch on several
     service = load_service(settings)
     # One uvicorn worker (process): a second would load a second copy of the model and run its
     # own forwards with its own `threads`, so two layers of parallelism would fight over the

@@ -88,7 +88,7 @@ def main() -> None:
         f"`python benchmarks/openmp_teams.py --rounds {args.rounds} --forwards {args.forwards}`",
         "",
         f"efficientnet_lite0 (ImageNet), torch runtime, batch 1, {os.cpu_count()} CPU cores, "
-        f"torch threads {os.cpu_count()} in the forward's thread; {args.rounds} rounds of "
+        f"torch threads {torch.get_num_threads()} in the forward's thread; {args.rounds} rounds of "
         f"{args.forwards} forwards per case, each case in a fresh process, cases alternating.",
         "",
         "| case | median ms | best ms |",
