@@ -26,9 +26,10 @@ INIT_FROM_HELP = (
     "preprocessing are used, --weights is ignored"
 )
 RUNTIME_HELP = (
-    "where the network runs: auto (ONNX Runtime on the CPU, PyTorch on a GPU), torch, onnx, or "
-    "onnx-int8 (quantised, calibrated on the bundle's training images; see 'imgsim quantize'); "
-    "exports are kept in the bundle folder (default: %(default)s)"
+    "where the network runs: auto (OpenVINO fp32 on the CPU, else ONNX Runtime; PyTorch on a "
+    "GPU), torch, onnx or openvino (fp32), openvino-bf16 (CPUs with bf16 instructions), "
+    "onnx-int8 or openvino-int8 (quantised, calibrated on the bundle's training images; see "
+    "'imgsim quantize'); exports are kept in the bundle folder (default: %(default)s)"
 )
 EVAL_GALLERY_HELP = (
     "gallery to search (default: BUNDLE/index when it exists, else leave-one-out over DATA_DIR's "
@@ -45,7 +46,7 @@ collection with FAISS, and serve POST /classify and POST /similar.
   imgsim eval   DATA_DIR --model BUNDLE     report on held-out class folders (BUNDLE/eval)
   imgsim serve  --model BUNDLE              serve it on http://127.0.0.1:8000 (docs at /docs)
   imgsim backup INDEX_DIR DEST              copy an index consistently, even while served
-  imgsim quantize BUNDLE                    int8 ONNX model for --runtime onnx-int8
+  imgsim quantize BUNDLE                    int8 model for --runtime onnx-int8 / openvino-int8
   imgsim demo                               sample data -> train -> index -> serve
 """
 
@@ -286,8 +287,10 @@ def _run_quantize(args: argparse.Namespace) -> None:
 
     bundle = Bundle.load(args.bundle, "cpu")
     bundle.use_runtime("onnx-int8", calibration=args.calibration)
-    print(f"int8 model written to {BundleLayout(args.bundle).onnx_int8}; serve it with "
-          f"'imgsim serve --model {args.bundle} --runtime onnx-int8'")  # fmt: skip
+    print(
+        f"int8 model written to {BundleLayout(args.bundle).onnx_int8}; serve it with "
+        f"'imgsim serve --model {args.bundle} --runtime openvino-int8' (or onnx-int8)"
+    )
 
 
 def _demo_arguments(parser: argparse.ArgumentParser) -> None:
@@ -353,11 +356,11 @@ COMMANDS: dict[str, tuple[str, str, Callable[[argparse.ArgumentParser], None], C
         _run_backup,
     ),
     "quantize": (
-        "make the int8 model of a bundle for --runtime onnx-int8",
+        "make the int8 model of a bundle for --runtime openvino-int8 or onnx-int8",
         "Export BUNDLE's network to ONNX and quantise it statically to int8 (per-channel "
         "weights), calibrating activation ranges on up to 128 of its training images, or on "
         "--calibration DIR's. Written to BUNDLE/model.int8.onnx; 'imgsim serve --runtime "
-        "onnx-int8' would make it on first start too.",
+        "openvino-int8' (or onnx-int8) would make it on first start too.",
         _quantize_arguments,
         _run_quantize,
     ),

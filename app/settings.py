@@ -40,7 +40,9 @@ class Settings(BaseSettings):
     weights: str = "imagenet"
     device: str = "auto"
     runtime: str = Field(
-        "auto", description="auto, torch, onnx or onnx-int8; auto: ONNX Runtime on the CPU"
+        "auto",
+        description="auto, torch, onnx, onnx-int8, openvino, openvino-bf16 or openvino-int8; "
+        "auto: OpenVINO fp32 on the CPU",
     )
     max_upload_bytes: int = Field(20 * 1024 * 1024, gt=0, description="bytes of one image")
     max_request_bytes: int = Field(
@@ -92,8 +94,8 @@ class Settings(BaseSettings):
     threads: int = Field(
         default_factory=available_cpus,
         gt=0,
-        description="intra-op threads of the model runtime (torch, ONNX Runtime); default: the "
-        "cores this process may use",
+        description="intra-op threads of the model runtime (torch, ONNX Runtime, OpenVINO); "
+        "default: the cores this process may use",
     )
     max_batch: int = Field(
         4, gt=0, description="images the inference worker runs in one forward at most"

@@ -1,20 +1,25 @@
-"""Where a bundle's forward pass runs: eager PyTorch, or its ONNX export under ONNX Runtime
-(fp32, or int8 statically quantised on the bundle's own training images).
+"""Where a bundle's forward pass runs: eager PyTorch, or its ONNX export under ONNX Runtime or
+OpenVINO, in fp32, in bfloat16 (OpenVINO, on CPUs with bf16 instructions) or in int8 (statically
+quantised on the bundle's own training images).
 
 A runtime is a callable from a preprocessed batch (N, 3, S, S) to float32 numpy embeddings
 (N, D) and logits (N, C); `Bundle.encode` calls it, so every stage gets it. The exports live in
 the bundle folder (`BundleLayout.onnx`, `.onnx_int8`), made once and reused while their recorded
-fingerprint is the bundle's: a retrained bundle is exported again. What each runtime costs and
-gains: benchmarks/runtime_accuracy.md.
+fingerprint is the bundle's: a retrained bundle is exported again. OpenVINO compiles the same
+files at start-up. What each runtime costs and gains: benchmarks/runtime_accuracy.md.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import tempfile
+import threading
 import warnings
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -29,12 +34,35 @@ from models.network import EmbeddingNet
 
 if TYPE_CHECKING:
     import onnxruntime
+    import openvino
 
     from models.bundle import Bundle
 
 log = logging.getLogger(__name__)
 
-RUNTIMES = ("auto", "torch", "onnx", "onnx-int8")
+
+@dataclass(frozen=True)
+class Engine:
+    """How a runtime runs the model: which engine, on which model file, at which precision."""
+
+    engine: str  # torch, onnxruntime or openvino
+    int8: bool = False  # the statically quantised model (BundleLayout.onnx_int8)
+    bf16: bool = False  # computed in bfloat16 (OpenVINO, on CPUs with bf16 instructions)
+
+
+ENGINES = {
+    "torch": Engine("torch"),
+    "onnx": Engine("onnxruntime"),
+    "onnx-int8": Engine("onnxruntime", int8=True),
+    "openvino": Engine("openvino"),
+    "openvino-bf16": Engine("openvino", bf16=True),
+    "openvino-int8": Engine("openvino", int8=True),
+}
+RUNTIMES = ("auto", *ENGINES)
+# What auto tries on the CPU, fastest first; each exact (fp32), so auto never changes answers.
+# Batch-1 forwards on 2 cores (benchmarks/runtime_accuracy.md): OpenVINO fp32 beat ONNX Runtime
+# fp32 on a Xeon with AMX (efficientnet_lite0 3.9 against 6.6 ms) and on an AVX2 EPYC.
+AUTO_ON_CPU = ("openvino", "onnx")
 OPSET = 17
 CALIBRATION_IMAGES = 128  # images the int8 ranges are calibrated on (seeded choice)
 FINGERPRINT_KEY = "imgsim_fingerprint"  # ONNX metadata: the weights the file was made from
@@ -93,44 +121,98 @@ class OnnxRuntime:
         return embeddings, logits
 
 
+class OpenVinoRuntime:
+    """An exported model compiled by OpenVINO for the CPU, at fp32 or (bf16) bfloat16."""
+
+    def __init__(self, path: Path, name: str, threads: int | None = None, bf16: bool = False):
+        import openvino
+
+        self.name, self.path = name, path
+        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+        if bf16:
+            config["INFERENCE_PRECISION_HINT"] = "bf16"
+        if threads is not None:
+            config["INFERENCE_NUM_THREADS"] = threads
+        self.model = _compiled(path, config)
+        precision = self.model.get_property("INFERENCE_PRECISION_HINT")
+        if bf16 and precision != openvino.Type.bf16:  # OpenVINO falls back without a word
+            raise ValueError(
+                f"runtime {name!r}: this CPU has no bfloat16 instructions (OpenVINO would run "
+                f"{precision.to_string()}); use --runtime openvino"
+            )
+        self._requests = threading.local()  # an infer request serves one thread at a time
+
+    def __call__(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        request = getattr(self._requests, "request", None)
+        if request is None:
+            request = self._requests.request = self.model.create_infer_request()
+        array = images.detach().cpu().numpy().astype(np.float32, copy=False)
+        outputs = request.infer({"images": array})  # copies the outputs out of the request
+        return outputs["embedding"], outputs["logits"]
+
+
+def _compiled(path: Path, config: dict) -> openvino.CompiledModel:
+    """The model compiled for the CPU by the process's one OpenVINO core, in a thread of its
+    own. OpenVINO's CPU plugin swaps the creating thread's signal stack for a 20 KB one of its
+    own and, when destroyed, puts back the one it found: plugins created and destroyed out of
+    order left the main thread on a freed stack, and the next signal handled there (SIGCHLD
+    when a DataLoader worker ends) killed the process with SIGSEGV. One core keeps one plugin
+    for the life of the process, created in a thread that ends."""
+    with ThreadPoolExecutor(1, "imgsim-openvino-compile") as thread:
+        return thread.submit(_core().compile_model, str(path), "CPU", config).result()
+
+
+@functools.cache
+def _core() -> openvino.Core:
+    import openvino
+
+    return openvino.Core()
+
+
 def open_runtime(
     bundle: Bundle, name: str, threads: int | None = None, calibration: Path | None = None
 ) -> Runtime:
     """The named runtime for this bundle, exporting (and quantising) on first use.
 
-    auto: ONNX Runtime fp32 on the CPU when onnxruntime imports (2.1x eager PyTorch's speed at
-    batch 1 and 4.9x at 32 on efficientnet_lite0, benchmarks/runtime_accuracy.md), PyTorch on a
-    GPU. threads: ONNX
-    Runtime's intra-op threads (default: its own, one per physical core)."""
+    auto: on the CPU the first of AUTO_ON_CPU whose package imports and export works, else
+    PyTorch; PyTorch on a GPU. threads: the engine's intra-op threads (default: its own)."""
     name = check_runtime(name)
-    if name == "torch" or (name == "auto" and (bundle.device != "cpu" or not _has_onnxruntime())):
+    if name == "torch" or (name == "auto" and bundle.device != "cpu"):
         return TorchRuntime(bundle.net, bundle.device)
     if name == "auto":
-        try:
-            return _onnx_runtime(bundle, "onnx", threads, None)
-        except (BundleError, RuntimeError, OSError) as err:
-            log.warning("runtime auto: no ONNX model (%s); running PyTorch", err)
-            return TorchRuntime(bundle.net, bundle.device)
+        for candidate in AUTO_ON_CPU:
+            if not _has_engine(ENGINES[candidate].engine):
+                continue
+            try:
+                return _exported_runtime(bundle, candidate, threads, None)
+            except (BundleError, RuntimeError, OSError) as err:
+                log.warning("runtime auto: %s failed (%s)", candidate, err)
+        log.warning("runtime auto: no exported model runs here; running PyTorch")
+        return TorchRuntime(bundle.net, bundle.device)
     if bundle.device != "cpu":
         raise ValueError(f"runtime {name!r} runs on the CPU; serve with --device cpu")
-    if not _has_onnxruntime():
-        raise ValueError(f"runtime {name!r} needs the onnxruntime package; use --runtime torch")
-    return _onnx_runtime(bundle, name, threads, calibration)
+    package = ENGINES[name].engine
+    if not _has_engine(package):
+        raise ValueError(f"runtime {name!r} needs the {package} package; use --runtime torch")
+    return _exported_runtime(bundle, name, threads, calibration)
 
 
-def _onnx_runtime(
+def _exported_runtime(
     bundle: Bundle, name: str, threads: int | None, calibration: Path | None
-) -> OnnxRuntime:
+) -> OnnxRuntime | OpenVinoRuntime:
     folder = bundle.directory
     if folder is None or not os.access(folder, os.W_OK):
         if folder is not None:
             log.warning("%s is read-only: the ONNX export is made in a temporary folder", folder)
         folder = Path(_scratch_folder())
     layout = BundleLayout(folder)
-    fp32 = exported(bundle, layout.onnx)
-    if name == "onnx":
-        return OnnxRuntime(fp32, name, threads)
-    return OnnxRuntime(quantized(bundle, fp32, layout.onnx_int8, calibration), name, threads)
+    engine = ENGINES[name]
+    model = exported(bundle, layout.onnx)
+    if engine.int8:
+        model = quantized(bundle, model, layout.onnx_int8, calibration)
+    if engine.engine == "openvino":
+        return OpenVinoRuntime(model, name, threads, engine.bf16)
+    return OnnxRuntime(model, name, threads)
 
 
 def exported(bundle: Bundle, path: Path) -> Path:
@@ -313,9 +395,11 @@ def _session(path: Path, threads: int | None) -> onnxruntime.InferenceSession:
     return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def _has_onnxruntime() -> bool:
+def _has_engine(package: str) -> bool:
+    """Whether the engine's package imports (onnxruntime and its quantiser export for both)."""
     try:
-        import onnxruntime  # noqa: F401
+        __import__(package)
+        __import__("onnxruntime")
     except ImportError:
         return False
     return True

@@ -1,7 +1,9 @@
-"""The ONNX Runtime paths answer as the PyTorch one does: same classes, same neighbours."""
+"""The exported paths (ONNX Runtime, OpenVINO) answer as the PyTorch one does: same classes, same
+neighbours."""
 
 from __future__ import annotations
 
+import gc
 import shutil
 import threading
 from pathlib import Path
@@ -42,12 +44,15 @@ def _neighbours(embeddings: np.ndarray, k: int = 5) -> np.ndarray:
     return np.argsort(-scores, axis=1, kind="stable")[:, :k]
 
 
-def test_onnx_gives_the_classes_and_neighbours_of_pytorch(bundle_dir: Path, shapes_dir: Path):
+@pytest.mark.parametrize("runtime", ["onnx", "openvino"])
+def test_fp32_export_gives_the_classes_and_neighbours_of_pytorch(
+    bundle_dir: Path, shapes_dir: Path, runtime: str
+):
     images = _images(shapes_dir)
     reference = Bundle.load(bundle_dir, "cpu")
     assert reference.runtime.name == "torch"
     onnx = Bundle.load(bundle_dir, "cpu")
-    assert onnx.use_runtime("onnx") == "onnx"
+    assert onnx.use_runtime(runtime) == runtime
     assert BundleLayout(bundle_dir).onnx.is_file()
     expected, got = reference.encode(images), onnx.encode(images)
     assert got.embeddings.dtype == np.float32 and got.embeddings.shape == expected.embeddings.shape
@@ -60,9 +65,12 @@ def test_onnx_gives_the_classes_and_neighbours_of_pytorch(bundle_dir: Path, shap
     assert np.abs(embedding - expected.embeddings[:1]).max() < EMBEDDING_TOLERANCE
 
 
-def test_auto_is_onnx_on_the_cpu_and_the_service_uses_it(bundle_dir: Path):
+def test_auto_is_openvino_on_the_cpu_and_the_service_uses_it(bundle_dir: Path, monkeypatch):
     service = load_service(Settings(bundle_dir=bundle_dir, device="cpu"))
-    assert service.bundle.runtime.name == "onnx"
+    assert service.bundle.runtime.name == "openvino"
+    monkeypatch.setattr("models.runtime._has_engine", lambda package: package != "openvino")
+    assert Bundle.load(bundle_dir, "cpu").use_runtime("auto") == "onnx"  # without openvino
+    monkeypatch.undo()
     torch_service = load_service(Settings(bundle_dir=bundle_dir, device="cpu", runtime="torch"))
     assert torch_service.bundle.runtime.name == "torch"
 
@@ -72,7 +80,7 @@ def test_only_the_inference_thread_runs_torch_on_several_threads(bundle_dir: Pat
     model, one beside ONNX Runtime); loading, decoding and preprocessing run torch on one."""
     before = torch.get_num_threads()
     try:
-        for runtime, expected in (("onnx", 1), ("torch", 2)):
+        for runtime, expected in (("onnx", 1), ("openvino", 1), ("torch", 2)):
             settings = Settings(bundle_dir=bundle_dir, device="cpu", runtime=runtime, threads=2)
             service = load_service(settings)
             seen: dict[str, list[int]] = {"forward": [], "preprocess": []}
@@ -137,7 +145,7 @@ def _recorded_fingerprint(path: Path) -> str | None:
 
 
 def test_an_unknown_runtime_is_refused_with_the_valid_names(capsys: pytest.CaptureFixture):
-    with pytest.raises(ValueError, match="choose one of: auto, torch, onnx, onnx-int8"):
+    with pytest.raises(ValueError, match="choose one of: auto, torch, onnx, onnx-int8, openvino"):
         check_runtime("tensorrt")
     with pytest.raises(ValidationError, match="onnx-int8"):
         Settings(runtime="tensorrt")
@@ -158,14 +166,15 @@ def test_int8_without_calibration_images_says_what_to_do(tmp_path: Path, capsys)
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("runtime", ["onnx-int8", "openvino-int8"])
 def test_int8_is_calibrated_on_the_training_images_and_mostly_agrees(
-    bundle_dir: Path, shapes_dir: Path
+    bundle_dir: Path, shapes_dir: Path, runtime: str
 ):
     images = find_images(shapes_dir)
     expected = Bundle.load(bundle_dir, "cpu").encode(images)
     int8 = Bundle.load(bundle_dir, "cpu")
     assert int8.config.extra["data_dir"] == str(shapes_dir.resolve())  # recorded at training
-    assert int8.use_runtime("onnx-int8") == "onnx-int8"
+    assert int8.use_runtime(runtime) == runtime
     assert _recorded_fingerprint(BundleLayout(bundle_dir).onnx_int8) == int8.fingerprint
     got = int8.encode(images)
     agreement = (got.logits.argmax(1) == expected.logits.argmax(1)).mean()
@@ -180,8 +189,57 @@ def test_quantize_command_with_a_calibration_folder(
 ):
     Bundle.pretrained("resnet18", "none", "cpu").save(tmp_path / "plain")
     assert main(["quantize", str(tmp_path / "plain"), "--calibration", str(shapes_dir)]) == 0
-    assert "--runtime onnx-int8" in capsys.readouterr().out
+    assert "--runtime openvino-int8" in capsys.readouterr().out
     assert BundleLayout(tmp_path / "plain").onnx_int8.is_file()
+
+
+def test_bf16_agrees_with_fp32_or_is_refused_on_a_cpu_without_it(
+    bundle_dir: Path, shapes_dir: Path
+):
+    """bfloat16 where the CPU computes it (AMX, AVX512-BF16); elsewhere OpenVINO would quietly
+    run fp32 under the bf16 name, so the runtime is refused, saying what to use instead."""
+    images = _images(shapes_dir)
+    expected = Bundle.load(bundle_dir, "cpu").encode(images)
+    bf16 = Bundle.load(bundle_dir, "cpu")
+    try:
+        bf16.use_runtime("openvino-bf16")
+    except ValueError as err:
+        assert "no bfloat16 instructions" in str(err) and "--runtime openvino" in str(err)
+        return
+    got = bf16.encode(images)
+    assert (got.logits.argmax(1) == expected.logits.argmax(1)).mean() >= 0.9
+    cosines = (got.embeddings * expected.embeddings).sum(1)
+    assert cosines.min() > 0.99, cosines.min()
+    assert np.abs(got.embeddings - expected.embeddings).max() > EMBEDDING_TOLERANCE  # not fp32
+
+
+def test_openvino_leaves_the_signal_stack_as_it_was(bundle_dir: Path):
+    """OpenVINO's CPU plugin swaps in a signal stack of its own and puts back the one it found
+    when destroyed; runtimes dropped out of order left a freed stack in place, and the test
+    run died of SIGSEGV at the next SIGCHLD. Opening and dropping runtimes changes nothing."""
+    before = _signal_stack()
+    first = Bundle.load(bundle_dir, "cpu")
+    first.use_runtime("openvino")
+    second = Bundle.load(bundle_dir, "cpu")
+    second.use_runtime("openvino-int8")
+    assert _signal_stack() == before
+    del first
+    gc.collect()
+    del second
+    gc.collect()
+    assert _signal_stack() == before
+
+
+def _signal_stack() -> tuple[int | None, int]:
+    """Where this thread's alternate signal stack is, and its bytes."""
+    import ctypes
+
+    class Stack(ctypes.Structure):
+        _fields_ = [("sp", ctypes.c_void_p), ("flags", ctypes.c_int), ("size", ctypes.c_size_t)]
+
+    current = Stack()
+    assert ctypes.CDLL(None).sigaltstack(None, ctypes.byref(current)) == 0
+    return current.sp, current.size
 
 
 def test_auto_runs_pytorch_when_the_export_fails(bundle_dir: Path, monkeypatch):
