@@ -52,6 +52,7 @@ from models.bundle import Bundle
 from models.data import find_images
 from models.layout import BundleLayout
 from models.memory import retain_freed_memory
+from models.runtime import ENGINES
 from models.training import train
 from tests.servers import free_port, start_server
 
@@ -59,13 +60,13 @@ HERE = Path(__file__).parent
 ROUNDS = 5  # alternating blocks when two figures are compared
 CLIENTS = (1, 4, 16, 64)
 BATCHES = (1, 4, 8, 16)
-RUNTIME_CHOICES = ("torch", "onnx", "onnx-int8")
+RUNTIME_CHOICES = tuple(ENGINES)
 TARGETS = {
     "classify": 1.15,  # sequential /classify p50 <= 1.15x the raw forward
     "throughput": 0.9,  # 16-client throughput >= 0.9x offline batched
-    "onnx": 1.5,  # ONNX fp32 batch-1 speed >= 1.5x eager torch
-    "onnx-int8": 2.5,  # int8 >= 2.5x eager torch
-    "points": 1.0,  # int8 top-1 and Recall@10 within 1 point of fp32 ONNX
+    "fp32": 1.5,  # ONNX / OpenVINO fp32 (and bf16) batch-1 speed >= 1.5x eager torch
+    "int8": 2.5,  # int8 >= 2.5x eager torch
+    "points": 1.0,  # int8 (and bf16) top-1 and Recall@10 within 1 point of the engine's fp32
     "health_ms": 50.0,  # /health p99 at 64 clients
 }
 
@@ -432,34 +433,49 @@ def checks(rows: list[Row]) -> list[tuple[str, bool, str]]:
 
 
 def runtime_checks(rows: list[Row]) -> list[tuple[str, bool, str]]:
-    """Speed-ups over eager torch, and int8's accuracy against fp32 ONNX."""
+    """Speed-ups over eager torch, and the accuracy of int8 and bf16 against the same engine's
+    fp32."""
     found = []
     by: dict[tuple[str, str], Row] = {}
     for row in rows:  # the first row of each: the server's default max_batch
         by.setdefault((row.bundle, row.runtime), row)
+    fp32_of = {engine: name for name, engine in ENGINES.items() if not (engine.int8 or engine.bf16)}
     for (bundle, runtime), row in by.items():
-        if runtime not in ("onnx", "onnx-int8"):
+        engine = ENGINES[runtime]
+        if engine.engine == "torch":
             continue
+        target = TARGETS["int8" if engine.int8 else "fp32"]
         speedup = row.torch_forward_ms / row.forward_ms
         found.append(
             (
-                f"{bundle} {runtime}: batch-1 forward speed >= {TARGETS[runtime]}x eager torch",
-                speedup >= TARGETS[runtime],
+                f"{bundle} {runtime}: batch-1 forward speed >= {target}x eager torch",
+                speedup >= target,
                 f"{row.torch_forward_ms:.1f} / {row.forward_ms:.1f} ms = {speedup:.2f}x",
             )
         )
-        fp32 = by.get((bundle, "onnx"))
-        if runtime == "onnx-int8" and fp32 is not None and row.top1 is not None:
+        fp32 = by.get((bundle, fp32_of[engine.engine]))
+        if (engine.int8 or engine.bf16) and fp32 is not None and row.top1 is not None:
             for metric in ("top1", "recall10"):
                 drop = 100 * (getattr(fp32, metric) - getattr(row, metric))
                 found.append(
                     (
-                        f"{bundle} int8: {metric} within {TARGETS['points']:.0f} point of fp32",
+                        f"{bundle} {runtime}: {metric} within {TARGETS['points']:.0f} point of "
+                        f"{fp32.runtime}",
                         abs(drop) <= TARGETS["points"],
                         f"{drop:+.1f} points",
                     )
                 )
     return found
+
+
+def cpu_model() -> str:
+    """The CPU's name and the instructions the runtimes' speed turns on."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    fields = dict(line.split(":", 1) for line in info.splitlines()[:40] if ":" in line)
+    fields = {key.strip(): value.strip() for key, value in fields.items()}
+    flags = fields.get("flags", "").split()
+    shown = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16") if f in flags]
+    return f"{fields.get('model name', 'unknown CPU')}: {' '.join(shown) or 'no AVX2'}"
 
 
 def report(rows: list[Row], args: argparse.Namespace, d: Durations) -> list[str]:
@@ -470,7 +486,7 @@ def report(rows: list[Row], args: argparse.Namespace, d: Durations) -> list[str]
         "",
         f"`python benchmarks/serve_load.py {' '.join(args.argv)}`".replace("  ", " "),
         "",
-        f"**{mode}.** {available_cpus()} CPU cores, no GPU; server defaults "
+        f"**{mode}.** {available_cpus()} CPU cores ({cpu_model()}), no GPU; server defaults "
         f"(threads {Settings().threads}, max_batch {Settings().max_batch}, max_wait_ms "
         f"{Settings().max_wait_ms:g}, queue_size {Settings().queue_size}) unless a row says "
         f"max_batch=1 (micro-batching off). {d.load_s:g} s per client level, "
@@ -562,7 +578,7 @@ def main() -> None:
     parser.add_argument(
         "--runtimes",
         default=",".join(RUNTIME_CHOICES),
-        help="comma-separated: torch,onnx,onnx-int8",
+        help=f"comma-separated, of: {','.join(RUNTIME_CHOICES)}",
     )
     parser.add_argument("--model", type=Path, action="append", help="bundle(s) to serve")
     parser.add_argument("--split", type=Path, help="train/ and test/ class folders for accuracy")
