@@ -6,7 +6,7 @@ shape. "loader": Tux Paint stamps read, augmented and batched by the training Da
 images decodes them (timed apart), later ones read the cache. "memory": the same number of
 batches, made beforehand and held as tensors. Ratio = loader / memory; the target is >= 0.9.
 
-    python benchmarks/loader.py [--backbone NAME] [--workers N] [--batch-size B] [--image-size PX]
+    python -m benchmarks.loader [--backbone NAME] [--workers N] [--batch-size B] [--image-size PX]
 
 Writes benchmarks/loader.md.
 """
@@ -83,7 +83,7 @@ def main() -> None:
     lines = [
         "# Input pipeline benchmark",
         "",
-        f"`python benchmarks/loader.py --backbone {args.backbone} --workers {args.workers} "
+        f"`python -m benchmarks.loader --backbone {args.backbone} --workers {args.workers} "
         f"--batch-size {args.batch_size} --steps {steps}`",
         "",
         f"{args.backbone} training steps (forward, backward, AdamW), batches of {args.batch_size} "

@@ -1,4 +1,4 @@
-"""What the CPU runtimes cost and gain: eager PyTorch vs ONNX Runtime fp32 vs int8, on real images.
+"""What the CPU runtimes cost and gain: eager PyTorch vs ONNX Runtime and OpenVINO, on real images.
 
 An efficientnet_lite0 bundle is trained with the `imgsim train` defaults on the Tux Paint split
 of benchmarks/transfer.py (or, with --reuse, the one an earlier run left in --work). For each
@@ -8,7 +8,7 @@ against the training images (class-based, and overlap with fp32 PyTorch's top 10
 in-process forward time at batch 1 and 32. A densenet121 bundle with random weights is timed
 too (speed only: its accuracy means nothing).
 
-    python benchmarks/runtime_accuracy.py [--work DIR] [--reuse] [--runs N]
+    python -m benchmarks.runtime_accuracy [--work DIR] [--reuse] [--runs N]
 
 Writes benchmarks/runtime_accuracy.md.
 """
@@ -24,8 +24,10 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime
+import openvino
 import torch
 
+from benchmarks.machine import cpu_model
 from benchmarks.transfer import CLASSES, STAMPS, configure, copy_split
 from models.backbones import preprocessing_for
 from models.bundle import Bundle, BundleConfig
@@ -34,11 +36,11 @@ from models.layout import BundleLayout
 from models.memory import retain_freed_memory
 from models.metrics import recall_at_k
 from models.network import build_net
-from models.runtime import CALIBRATION_IMAGES
+from models.runtime import CALIBRATION_IMAGES, ENGINES
 from models.training import TrainConfig, train
 
 HERE = Path(__file__).parent
-NAMES = ("torch", "onnx", "onnx-int8")
+NAMES = tuple(ENGINES)
 K = 10
 
 
@@ -164,9 +166,9 @@ def write(acc: dict, speeds: dict[str, dict], args: argparse.Namespace) -> None:
     """The accuracy and speed tables, with how they were measured."""
     sizes = acc["sizes"]
     lines = [
-        "# CPU runtimes: eager PyTorch, ONNX Runtime fp32 and int8",
+        "# CPU runtimes: eager PyTorch, ONNX Runtime and OpenVINO (fp32, bf16, int8)",
         "",
-        "`python benchmarks/runtime_accuracy.py`" + (" --reuse" if args.reuse else ""),
+        "`python -m benchmarks.runtime_accuracy`" + (" --reuse" if args.reuse else ""),
         "",
         f"- efficientnet_lite0 trained with the `imgsim train` defaults on the Tux Paint split "
         f"of benchmarks/transfer.py ({', '.join(CLASSES)}): {sizes['gallery']} training images "
@@ -175,7 +177,8 @@ def write(acc: dict, speeds: dict[str, dict], args: argparse.Namespace) -> None:
         f"weights, uint8 activations, MinMax ranges calibrated on {CALIBRATION_IMAGES} (at "
         "most) of the bundle's training-split images, preprocessed by the bundle's own eval "
         "path (densenet121: on the training images of the split, given as the calibration "
-        "folder). The CPU has AVX2 without VNNI (see models/runtime.py on reduce_range).",
+        "folder); OpenVINO runs the same int8 file. bf16: OpenVINO computing model.onnx in "
+        f"bfloat16. CPU: {cpu_model()}.",
         "- max |emb diff|: largest absolute difference of an embedding component from eager "
         "PyTorch's, over the held-out drawings (embeddings are L2-normalised).",
         f"- Recall@{K} (class): share of held-out drawings with an image of their class among "
@@ -186,7 +189,8 @@ def write(acc: dict, speeds: dict[str, dict], args: argparse.Namespace) -> None:
         "- Forward ms: median in-process time of the runtime on a preprocessed batch "
         f"({args.runs} runs at batch 1, {max(3, args.runs // 5)} at 32, runtimes interleaved), "
         f"torch with {torch.get_num_threads()} threads, ONNX Runtime "
-        f"{onnxruntime.__version__} with its default threads; {os.cpu_count()} CPU cores "
+        f"{onnxruntime.__version__} and OpenVINO {openvino.__version__.split('-')[0]} with "
+        f"their default threads; {os.cpu_count()} CPU cores "
         f"shared with other engineers' jobs (load average {os.getloadavg()[1]:.1f} at the end), "
         "so absolute times are noisy: the best run is given beside the median.",
         "",

@@ -18,7 +18,7 @@ The clients run on the server's cores, so they are lean, as wrk's are: each uplo
 body is encoded once, before timing, and posted over a plain asyncio connection (`Connection`).
 Then the targets are checked and printed PASS/FAIL, and benchmarks/serve_load.md is written.
 
-    python -m benchmarks.serve_load [--quick] [--runtimes torch,onnx,onnx-int8 (default: all)]
+    python -m benchmarks.serve_load [--quick] [--runtimes torch,onnx,openvino,... (default: all)]
         [--model BUNDLE ...] [--unbatched]
 
 Without --model: efficientnet_lite0 fine-tuned on the Tux Paint split of benchmarks/transfer.py
@@ -47,6 +47,7 @@ from PIL import Image
 
 from app.service import Service, load_service
 from app.settings import Settings, available_cpus
+from benchmarks.machine import cpu_model
 from benchmarks.transfer import STAMPS, configure, copy_split
 from models.bundle import Bundle
 from models.data import find_images
@@ -468,23 +469,13 @@ def runtime_checks(rows: list[Row]) -> list[tuple[str, bool, str]]:
     return found
 
 
-def cpu_model() -> str:
-    """The CPU's name and the instructions the runtimes' speed turns on."""
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    fields = dict(line.split(":", 1) for line in info.splitlines()[:40] if ":" in line)
-    fields = {key.strip(): value.strip() for key, value in fields.items()}
-    flags = fields.get("flags", "").split()
-    shown = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16") if f in flags]
-    return f"{fields.get('model name', 'unknown CPU')}: {' '.join(shown) or 'no AVX2'}"
-
-
 def report(rows: list[Row], args: argparse.Namespace, d: Durations) -> list[str]:
     """The markdown of benchmarks/serve_load.md."""
     mode = "QUICK run (short durations: figures are indicative only)" if args.quick else "full run"
     lines = [
         "# Serving under load",
         "",
-        f"`python benchmarks/serve_load.py {' '.join(args.argv)}`".replace("  ", " "),
+        f"`python -m benchmarks.serve_load {' '.join(args.argv)}`".replace("  ", " "),
         "",
         f"**{mode}.** {available_cpus()} CPU cores ({cpu_model()}), no GPU; server defaults "
         f"(threads {Settings().threads}, max_batch {Settings().max_batch}, max_wait_ms "
