@@ -440,7 +440,7 @@ def runtime_checks(rows: list[Row]) -> list[tuple[str, bool, str]]:
     by: dict[tuple[str, str], Row] = {}
     for row in rows:  # the first row of each: the server's default max_batch
         by.setdefault((row.bundle, row.runtime), row)
-    fp32_of = {engine: name for name, engine in ENGINES.items() if not (engine.int8 or engine.bf16)}
+    fp32_of = {e.engine: name for name, e in ENGINES.items() if not (e.int8 or e.bf16)}
     for (bundle, runtime), row in by.items():
         engine = ENGINES[runtime]
         if engine.engine == "torch":
