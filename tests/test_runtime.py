@@ -51,17 +51,17 @@ def test_fp32_export_gives_the_classes_and_neighbours_of_pytorch(
     images = _images(shapes_dir)
     reference = Bundle.load(bundle_dir, "cpu")
     assert reference.runtime.name == "torch"
-    onnx = Bundle.load(bundle_dir, "cpu")
-    assert onnx.use_runtime(runtime) == runtime
+    exported = Bundle.load(bundle_dir, "cpu")
+    assert exported.use_runtime(runtime) == runtime
     assert BundleLayout(bundle_dir).onnx.is_file()
-    expected, got = reference.encode(images), onnx.encode(images)
+    expected, got = reference.encode(images), exported.encode(images)
     assert got.embeddings.dtype == np.float32 and got.embeddings.shape == expected.embeddings.shape
     assert np.abs(got.embeddings - expected.embeddings).max() < EMBEDDING_TOLERANCE
     assert (got.logits.argmax(1) == expected.logits.argmax(1)).all()
     assert (_neighbours(got.embeddings) == _neighbours(expected.embeddings)).all()
     # one image at a time (batch 1 through the dynamic batch axis), through classify
-    probabilities, embedding = onnx.classify(images[0])
-    assert probabilities.shape == (1, len(onnx.config.classes))
+    probabilities, embedding = exported.classify(images[0])
+    assert probabilities.shape == (1, len(exported.config.classes))
     assert np.abs(embedding - expected.embeddings[:1]).max() < EMBEDDING_TOLERANCE
 
 
