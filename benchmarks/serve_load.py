@@ -60,6 +60,7 @@ from tests.servers import free_port, start_server
 HERE = Path(__file__).parent
 ROUNDS = 5  # alternating blocks when two figures are compared
 CLIENTS = (1, 4, 16, 64)
+KEEP_ALIVE_S = 5  # uvicorn closes a keep-alive connection idle this long (timeout_keep_alive)
 BATCHES = (1, 4, 8, 16)
 RUNTIME_CHOICES = tuple(ENGINES)
 TARGETS = {
@@ -318,7 +319,10 @@ async def load(base: str, files: list[Upload], clients: int, seconds: float) -> 
             if status == 200:
                 latencies.append(1000 * (time.perf_counter() - started))
             elif status == 503:
-                await asyncio.sleep(float(headers.get("retry-after", 1)))
+                wait = float(headers.get("retry-after", 1))
+                await asyncio.sleep(wait)
+                if wait >= KEEP_ALIVE_S:  # the server has closed the idle connection
+                    await connection.close()
             i += clients
         await connection.close()
 
