@@ -68,7 +68,7 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
 
 def start_batcher(service: Service, metrics: Metrics) -> Batcher:
     """The inference worker, whose thread alone runs torch with the settings' intra-op threads
-    (the ONNX Runtime session has its own, set when it was opened)."""
+    (an ONNX Runtime or OpenVINO model has its own, set when it was opened)."""
     settings = service.settings
     batcher = Batcher(
         lambda pixels: service.bundle.forward(pixels),

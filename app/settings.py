@@ -14,7 +14,7 @@ from models.backbones import DEFAULT_BACKBONE, check_backbone
 from models.devices import DEVICES
 from models.images import DEFAULT_MAX_PIXELS
 from models.layout import BundleLayout
-from models.runtime import check_runtime
+from models.runtime import RUNTIMES, check_runtime
 
 
 def available_cpus() -> int:
@@ -41,8 +41,7 @@ class Settings(BaseSettings):
     device: str = "auto"
     runtime: str = Field(
         "auto",
-        description="auto, torch, onnx, onnx-int8, openvino, openvino-bf16 or openvino-int8; "
-        "auto: OpenVINO fp32 on the CPU",
+        description=f"one of {', '.join(RUNTIMES)}; auto: OpenVINO fp32 on the CPU",
     )
     max_upload_bytes: int = Field(20 * 1024 * 1024, gt=0, description="bytes of one image")
     max_request_bytes: int = Field(
@@ -87,10 +86,10 @@ class Settings(BaseSettings):
     # benchmarks/serve_load.md). One inference worker runs one forward at a time with `threads`
     # intra-op threads; the requests' decoding and preprocessing run beside it, in at most
     # `threads` threads at once.
-    # Measured on 2 cores (serve_load.md): offline img/s peaks at batch 4 (lite0 torch) or 8
-    # (densenet121) and is flat beyond 4 under ONNX Runtime; served with 16 clients, max_batch 4
-    # gives 4-25 % more req/s than max_batch 1 in every bundle and runtime. Waiting for a batch
-    # only adds latency, so the worker takes what is queued (wait 0).
+    # Measured on 2 cores (serve_load.py --unbatched): served with 16 clients, max_batch 4 gave
+    # 4-25 % more req/s than max_batch 1 in every bundle and runtime on an AVX2 EPYC, and 4-35 %
+    # on a Xeon with AMX (OpenVINO included; issue 9's note). Waiting for a batch only adds
+    # latency, so the worker takes what is queued (wait 0).
     threads: int = Field(
         default_factory=available_cpus,
         gt=0,

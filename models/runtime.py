@@ -6,7 +6,8 @@ A runtime is a callable from a preprocessed batch (N, 3, S, S) to float32 numpy 
 (N, D) and logits (N, C); `Bundle.encode` calls it, so every stage gets it. The exports live in
 the bundle folder (`BundleLayout.onnx`, `.onnx_int8`), made once and reused while their recorded
 fingerprint is the bundle's: a retrained bundle is exported again. OpenVINO compiles the same
-files at start-up. What each runtime costs and gains: benchmarks/runtime_accuracy.md.
+files at start-up. What each runtime costs and gains: benchmarks/runtime_accuracy.md and
+benchmarks/serve_load.md.
 """
 
 from __future__ import annotations
@@ -128,9 +129,10 @@ class OpenVinoRuntime:
         import openvino
 
         self.name, self.path = name, path
-        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
-        if bf16:
-            config["INFERENCE_PRECISION_HINT"] = "bf16"
+        config = {
+            "PERFORMANCE_HINT": "LATENCY",
+            "INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32",
+        }
         if threads is not None:
             config["INFERENCE_NUM_THREADS"] = threads
         self.model = _compiled(path, config)
