@@ -36,7 +36,13 @@ from models.layout import BundleLayout
 from models.memory import retain_freed_memory
 from models.metrics import recall_at_k
 from models.network import build_net
-from models.runtime import CALIBRATION_IMAGES, ENGINES
+from models.runtime import (
+    CALIBRATION_IMAGES,
+    CALIBRATION_PERCENTILE,
+    ENGINES,
+    INT8_RECIPE,
+    int8_recipes,
+)
 from models.training import TrainConfig, train
 
 HERE = Path(__file__).parent
@@ -173,8 +179,10 @@ def write(acc: dict, speeds: dict[str, dict], args: argparse.Namespace) -> None:
         f"- efficientnet_lite0 trained with the `imgsim train` defaults on the Tux Paint split "
         f"of benchmarks/transfer.py ({', '.join(CLASSES)}): {sizes['gallery']} training images "
         f"({sizes['val']} of them the val split), {sizes['test']} held-out drawings.",
-        f"- int8: ONNX Runtime static quantisation, QDQ, per-channel 7-bit (reduce_range) int8 "
-        f"weights, uint8 activations, MinMax ranges calibrated on {CALIBRATION_IMAGES} (at "
+        f"- int8: ONNX Runtime static quantisation, QDQ, per-channel int8 weights "
+        f"({'8-bit' if int8_recipes()[0] == INT8_RECIPE else '7-bit (reduce_range)'} on this "
+        f"CPU), uint8 activations, ranges at the {100 - CALIBRATION_PERCENTILE:g} % and "
+        f"{CALIBRATION_PERCENTILE:g} % points of {CALIBRATION_IMAGES} (at "
         "most) of the bundle's training-split images, preprocessed by the bundle's own eval "
         "path (densenet121: on the training images of the split, given as the calibration "
         "folder); OpenVINO runs the same int8 file. bf16: OpenVINO computing model.onnx in "

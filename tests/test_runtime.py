@@ -18,11 +18,12 @@ from app.cli import main
 from app.main import create_app
 from app.service import load_service
 from app.settings import Settings
+from models import runtime
 from models.bundle import Bundle
 from models.data import find_images
 from models.errors import BundleError
 from models.layout import BundleLayout
-from models.runtime import FINGERPRINT_KEY, RUNTIMES, check_runtime
+from models.runtime import FINGERPRINT_KEY, INT8_RECIPE, RECIPE_KEY, RUNTIMES, check_runtime
 from tests.synthetic import noise_png
 
 EMBEDDING_TOLERANCE = 1e-4  # fp32 ONNX against eager PyTorch, on L2-normalised embeddings
@@ -138,10 +139,14 @@ def test_an_export_of_other_weights_is_made_again(bundle_dir: Path):
 
 
 def _recorded_fingerprint(path: Path) -> str | None:
+    return _recorded(path, FINGERPRINT_KEY)
+
+
+def _recorded(path: Path, key: str) -> str | None:
     import onnx
 
     model = onnx.load(str(path))
-    return next((p.value for p in model.metadata_props if p.key == FINGERPRINT_KEY), None)
+    return next((p.value for p in model.metadata_props if p.key == key), None)
 
 
 def test_an_unknown_runtime_is_refused_with_the_valid_names(capsys: pytest.CaptureFixture):
@@ -181,6 +186,23 @@ def test_int8_is_calibrated_on_the_training_images_and_mostly_agrees(
     assert agreement >= 0.8, agreement
     cosines = (got.embeddings * expected.embeddings).sum(1)
     assert np.median(cosines) > 0.95, np.median(cosines)
+
+
+@pytest.mark.slow
+def test_int8_with_8_bit_weights_is_made_again_where_they_would_saturate(
+    bundle_dir: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A bundle quantised on a CPU with VNNI (8-bit weights) and moved to one without is
+    quantised again with 7-bit weights, which every CPU then keeps."""
+    path = BundleLayout(bundle_dir).onnx_int8
+    for vnni, recipe in ((True, INT8_RECIPE), (False, INT8_RECIPE + "-reduce-range")):
+        monkeypatch.setattr(runtime, "_has_vnni", lambda vnni=vnni: vnni)
+        Bundle.load(bundle_dir, "cpu").use_runtime("onnx-int8")
+        assert _recorded(path, RECIPE_KEY) == recipe
+    made = path.stat().st_mtime_ns
+    monkeypatch.setattr(runtime, "_has_vnni", lambda: True)
+    Bundle.load(bundle_dir, "cpu").use_runtime("onnx-int8")
+    assert path.stat().st_mtime_ns == made  # 7-bit weights run well with VNNI too: reused
 
 
 @pytest.mark.slow
