@@ -58,23 +58,25 @@ def trained_lite0(work: Path, train_dir: Path, reuse: bool) -> Path:
     return out
 
 
-def random_densenet(work: Path) -> Path:
-    """A densenet121 bundle with random weights (--weights none): for timing only."""
+def random_densenet(work: Path, train_dir: Path) -> Path:
+    """A densenet121 bundle with random weights (--weights none): for timing only. Its config
+    names train_dir as its training folder, so its int8 model is calibrated there."""
     out = work / "densenet121-random"
     if not BundleLayout(out).weights.is_file():
         torch.manual_seed(0)
         config = BundleConfig("densenet121", list(CLASSES), preprocessing_for("densenet121"))
         config.weights = "none"
+        config.extra["data_dir"] = str(train_dir.resolve())
         Bundle(config, build_net("densenet121", len(CLASSES), "none"), "cpu").save(out)
     return out
 
 
-def runtimes(bundle_dir: Path, calibration: Path | None) -> dict[str, Bundle]:
+def runtimes(bundle_dir: Path) -> dict[str, Bundle]:
     """One loaded bundle per runtime (exports and the int8 model made on first use)."""
     loaded = {}
     for name in NAMES:
         bundle = Bundle.load(bundle_dir, "cpu")
-        bundle.use_runtime(name, calibration=calibration)
+        bundle.use_runtime(name)
         loaded[name] = bundle
     return loaded
 
@@ -157,13 +159,11 @@ def main() -> None:
         train_dir, test_dir = data / "train", data / "test"
     else:
         train_dir, test_dir = copy_split(args.stamps, data, 0.3, 0)
-    lite0 = runtimes(trained_lite0(args.work, train_dir, args.reuse), None)
+    lite0 = runtimes(trained_lite0(args.work, train_dir, args.reuse))
     measured = {"lite0": accuracy(lite0, train_dir, test_dir)}
     lite0_speed = speed(lite0, args.runs)
     del lite0
-    densenet_dir = random_densenet(args.work)
-    made = BundleLayout(densenet_dir).onnx_int8.is_file()  # calibrated by an earlier run
-    densenet = runtimes(densenet_dir, None if made else train_dir)
+    densenet = runtimes(random_densenet(args.work, train_dir))
     write(measured["lite0"], {"efficientnet_lite0": lite0_speed,
                               "densenet121": speed(densenet, args.runs)}, args)  # fmt: skip
 
@@ -184,9 +184,9 @@ def write(acc: dict, speeds: dict[str, dict], args: argparse.Namespace) -> None:
         f"CPU), uint8 activations, ranges at the {100 - CALIBRATION_PERCENTILE:g} % and "
         f"{CALIBRATION_PERCENTILE:g} % points of {CALIBRATION_IMAGES} (at "
         "most) of the bundle's training-split images, preprocessed by the bundle's own eval "
-        "path (densenet121: on the training images of the split, given as the calibration "
-        "folder); OpenVINO runs the same int8 file. bf16: OpenVINO computing model.onnx in "
-        f"bfloat16. CPU: {cpu_model()}.",
+        "path (densenet121: the training-split images of the same folder, recorded as its "
+        "training folder); OpenVINO runs the same int8 file. bf16: OpenVINO computing model.onnx "
+        f"in bfloat16. CPU: {cpu_model()}.",
         "- max |emb diff|: largest absolute difference of an embedding component from eager "
         "PyTorch's, over the held-out drawings (embeddings are L2-normalised).",
         f"- Recall@{K} (class): share of held-out drawings with an image of their class among "

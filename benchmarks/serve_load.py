@@ -48,13 +48,12 @@ from PIL import Image
 from app.service import Service, load_service
 from app.settings import Settings, available_cpus
 from benchmarks.machine import cpu_model
-from benchmarks.transfer import STAMPS, configure, copy_split
+from benchmarks.runtime_accuracy import random_densenet, trained_lite0
+from benchmarks.transfer import STAMPS, copy_split
 from models.bundle import Bundle
 from models.data import find_images
-from models.layout import BundleLayout
 from models.memory import retain_freed_memory
 from models.runtime import ENGINES
-from models.training import train
 from tests.servers import free_port, start_server
 
 HERE = Path(__file__).parent
@@ -376,21 +375,13 @@ def over_http(
 
 
 def default_bundles(work: Path, stamps: Path) -> tuple[list[Path], Path]:
-    """lite0 fine-tuned on the transfer split (trained when missing) and densenet121 with
-    random weights; returns them and the split folder."""
+    """The bundles of benchmarks/runtime_accuracy.py, made when missing: lite0 fine-tuned on the
+    transfer split and densenet121 with random weights; returns them and the split folder."""
     split = work / "data"
     if not (split / "train").is_dir():
         copy_split(stamps, split, 0.3, 0)  # the split of benchmarks/transfer.py
-    lite0 = work / "efficientnet_lite0"
-    if not BundleLayout(lite0).weights.is_file():
-        config = configure("efficientnet_lite0", "imagenet", 6, {})
-        train(split / "train", lite0, config)
-    dense = work / "densenet121-random"
-    if not BundleLayout(dense).weights.is_file():
-        Bundle.pretrained("densenet121", "none", "cpu").save(dense)
-    if not BundleLayout(dense).onnx_int8.is_file():  # it records no training folder
-        Bundle.load(dense, "cpu").use_runtime("onnx-int8", calibration=split / "train")
-    return [lite0, dense], split
+    train_dir = split / "train"
+    return [trained_lite0(work, train_dir, reuse=True), random_densenet(work, train_dir)], split
 
 
 def private_copy(bundle_dir: Path, scratch: Path) -> Path:
