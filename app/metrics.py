@@ -45,7 +45,7 @@ class Metrics:
         )
         self.forward = Histogram(
             "imgsim_model_forward_seconds",
-            "time of one batched forward (preprocessing included)",
+            "time of one batched forward in the inference worker (images preprocessed by then)",
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
