@@ -1,14 +1,17 @@
 """Micro-batching: the images of requests that arrive together share one forward of the model.
 
 Route handlers hand their preprocessed images (decoded and normalised in the request's thread,
-`Bundle.preprocess`) to the one `Batcher` of the app and await their own rows. Its worker takes
-the waiting requests (up to `max_batch` images, waiting at most `max_wait_ms` for more), stacks
-them and runs one forward (`Bundle.forward`) in its own thread, and answers each request with
-its rows. That thread runs nothing but forwards, so the model never waits for the requests'
-own work. The queue is bounded, and it counts an upload from the moment its request is admitted
-(`preparing`: waiting for a decoding thread, being decoded) until it is taken into a forward: a
-request that would overfill it is refused at once with `ServiceBusy` (503 + Retry-After)
-instead of waiting longer and longer, in the queue or before it.
+`Bundle.preprocess`) to the one `Batcher` of the app and await their own rows. Its worker is a
+thread of its own that runs nothing but forwards: it takes the waiting requests (up to
+`max_batch` images, waiting at most `max_wait_ms` for more), stacks them, runs one forward
+(`Bundle.forward`) and hands each request its rows back on the event loop. It takes the next
+batch itself as soon as a forward ends, rather than wait for an event loop busy with other
+requests' HTTP to hand it over (16 clients, efficientnet_lite0, 3 interleaved A/B rounds:
++3.5 % req/s under OpenVINO bf16, +2.8 % fp32). The queue is bounded, and it counts
+an upload from the moment its request is admitted (`preparing`: waiting for a decoding thread,
+being decoded) until it is taken into a forward: a request that would overfill it is refused at
+once with `ServiceBusy` (503 + Retry-After) instead of waiting longer and longer, in the queue
+or before it.
 
 Only the worker's thread runs torch with more than one intra-op thread (`threads`); every other
 thread of the process (the one that loads the model, `load_service`; the event loop's; the
@@ -24,10 +27,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -50,7 +53,7 @@ class _Job:
 
 
 class Batcher:
-    """One inference worker fed by a bounded queue of requests."""
+    """One inference worker thread fed by a bounded queue of requests."""
 
     def __init__(
         self,
@@ -64,18 +67,21 @@ class Batcher:
         self.max_batch, self.queue_size = max_batch, queue_size
         self.max_wait_s = max_wait_ms / 1000
         self._forward_batch, self._metrics = forward, metrics
+        self._queue = threading.Condition()  # guards _jobs, _pending and _stopping
         self._jobs: deque[_Job] = deque()
         self._pending = 0  # images queued, not yet taken into a batch
+        self._stopping = False
         self._preparing = 0  # images admitted, still being read and decoded by their requests
         self._seconds_per_image = FIRST_GUESS_S
-        self._arrived = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        # The model runs in this one thread, so the event loop never waits for a forward. It is
-        # started now, with its own torch threads; then every other thread is left on one.
-        self._thread = ThreadPoolExecutor(
-            1, "imgsim-inference", initializer=intra_op_threads, initargs=(threads,)
+        self._loop: asyncio.AbstractEventLoop | None = None  # where the requests wait
+        # The worker thread starts now, with its own torch threads; then every other thread is
+        # left on one.
+        ready = threading.Event()
+        self._thread = threading.Thread(
+            target=self._work, args=(threads, ready), name="imgsim-inference", daemon=True
         )
-        self._thread.submit(torch.get_num_threads).result()
+        self._thread.start()
+        ready.wait()
         single_threaded_torch()
 
     @property
@@ -86,23 +92,25 @@ class Batcher:
     @property
     def running(self) -> bool:
         """Whether the worker is taking requests."""
-        return self._task is not None and not self._task.done()
+        return self._loop is not None and not self._stopping and self._thread.is_alive()
 
     def start(self) -> None:
-        """Start the worker on the running event loop."""
-        self._task = asyncio.get_running_loop().create_task(self._work(), name="imgsim-batcher")
+        """Take requests from the running event loop."""
+        self._loop = asyncio.get_running_loop()
 
     async def stop(self) -> None:
-        """Stop the worker; requests still queued are answered 503."""
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        while self._jobs:
-            job = self._jobs.popleft()
+        """Stop the worker once its forward in progress is answered; requests still queued
+        are answered 503."""
+        with self._queue:
+            self._stopping = True
+            queued = list(self._jobs)
+            self._jobs.clear()
+            self._pending = 0
+            self._queue.notify_all()
+        for job in queued:
             if not job.future.done():
                 job.future.set_exception(NotReady("the service is shutting down"))
-        self._pending = 0
-        self._thread.shutdown(wait=True)
+        await asyncio.to_thread(self._thread.join)
 
     def admit(self, count: int = 1) -> None:
         """Raise ServiceBusy when `count` more images would overfill the queue (a request larger
@@ -137,69 +145,83 @@ class Batcher:
         `preparing`."""
         self.admit(len(images))
         job = _Job(images, asyncio.get_running_loop().create_future())
-        self._jobs.append(job)
-        self._pending += len(images)
-        self._arrived.set()
+        with self._queue:
+            self._jobs.append(job)
+            self._pending += len(images)
+            self._queue.notify()
         return await job.future
 
-    async def _work(self) -> None:
-        while True:
-            batch = await self._collect()
+    def _work(self, threads: int, ready: threading.Event) -> None:
+        """The worker thread: batches and their forwards, one after the other, until stopped."""
+        intra_op_threads(threads)
+        ready.set()
+        while (batch := self._collect()) is not None:
             if batch:
-                await self._forward(batch)
+                self._forward(batch)
 
-    async def _collect(self) -> list[_Job]:
-        """The next batch: what is queued, and what arrives within max_wait_ms of the first."""
-        while not self._jobs:
-            self._arrived.clear()
-            await self._arrived.wait()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.max_wait_s
-        batch: list[_Job] = []
-        size = 0
-        while True:
-            while self._jobs and (not batch or size + len(self._jobs[0].images) <= self.max_batch):
-                job = self._jobs.popleft()
-                self._pending -= len(job.images)
-                if not job.future.done():  # done: its caller went away
-                    batch.append(job)
-                    size += len(job.images)
-            remaining = deadline - loop.time()
-            if self._jobs or size >= self.max_batch or remaining <= 0:
-                return batch
-            self._arrived.clear()
-            try:
-                await asyncio.wait_for(self._arrived.wait(), remaining)
-            except TimeoutError:
-                return batch
+    def _collect(self) -> list[_Job] | None:
+        """The next batch: what is queued, and what arrives within max_wait_ms of the first;
+        None once stopping."""
+        with self._queue:
+            while not self._jobs and not self._stopping:
+                self._queue.wait()
+            deadline = time.monotonic() + self.max_wait_s
+            batch: list[_Job] = []
+            size = 0
+            while not self._stopping:
+                while self._jobs and (
+                    not batch or size + len(self._jobs[0].images) <= self.max_batch
+                ):
+                    job = self._jobs.popleft()
+                    self._pending -= len(job.images)
+                    if not job.future.done():  # done: its caller went away
+                        batch.append(job)
+                        size += len(job.images)
+                remaining = deadline - time.monotonic()
+                if self._jobs or size >= self.max_batch or remaining <= 0:
+                    return batch
+                self._queue.wait(remaining)
+            return None
 
-    async def _forward(self, batch: list[_Job]) -> None:
-        """Run the batch as one forward and answer each job with its own rows."""
+    def _forward(self, batch: list[_Job]) -> None:
+        """Run the batch as one forward and answer each job with its own rows, on the loop."""
         images = [image for job in batch for image in job.images]
         started = time.perf_counter()
         try:
-            encoded = await asyncio.get_running_loop().run_in_executor(
-                self._thread, self._stacked_forward, images
-            )
+            encoded = self._forward_batch(torch.stack(images))
         except Exception as error:  # the images were preprocessed already: a failure is the model's
             log.exception("a forward of %d images failed", len(images))
-            for job in batch:
-                if not job.future.done():
-                    job.future.set_exception(error)
+            self._answer([(job.future, error) for job in batch])
             return
         seconds = time.perf_counter() - started
         self._seconds_per_image = seconds / len(images)
         if self._metrics is not None:
             self._metrics.observe_forward(len(images), seconds)
+        answers: list[tuple[asyncio.Future[Encoded], Encoded | Exception]] = []
         start = 0
         for job in batch:
             end = start + len(job.images)
-            if not job.future.done():
-                job.future.set_result(encoded.rows(start, end))
+            answers.append((job.future, encoded.rows(start, end)))
             start = end
+        self._answer(answers)
 
-    def _stacked_forward(self, images: list[torch.Tensor]) -> Encoded:
-        return self._forward_batch(torch.stack(images))
+    def _answer(self, answers: list[tuple[asyncio.Future[Encoded], Encoded | Exception]]) -> None:
+        """Settle the requests' futures on their event loop (futures are not thread-safe)."""
+        assert self._loop is not None  # jobs are only queued once started
+        try:
+            self._loop.call_soon_threadsafe(_settle, answers)
+        except RuntimeError:  # the loop is closed: nobody waits for these answers any more
+            log.warning("the event loop closed before %d answers were delivered", len(answers))
+
+
+def _settle(answers: list[tuple[asyncio.Future[Encoded], Encoded | Exception]]) -> None:
+    for future, answer in answers:
+        if future.done():  # its caller went away
+            continue
+        if isinstance(answer, Exception):
+            future.set_exception(answer)
+        else:
+            future.set_result(answer)
 
 
 def intra_op_threads(count: int) -> None:
