@@ -222,3 +222,26 @@ def test_threads_default_to_the_cores_this_process_may_use(
     assert 1 <= Settings().threads == available_cpus() <= len(os.sched_getaffinity(0))
     monkeypatch.setenv("IMGSIM_THREADS", "1")
     assert Settings().threads == 1
+
+
+def test_a_failed_forward_is_a_500_and_the_worker_serves_the_next_request(
+    trained_bundle_dir: Path, index_dir: Path, shapes_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app, service = serving(trained_bundle_dir, index_dir)
+    forward, calls = service.bundle.forward, []
+
+    def fails_once(pixels: torch.Tensor) -> Encoded:
+        calls.append(len(pixels))
+        if len(calls) == 1:
+            raise RuntimeError("the runtime failed")
+        return forward(pixels)
+
+    data = (shapes_dir / "star" / "star_000.png").read_bytes()
+    with TestClient(app, raise_server_exceptions=False) as client:
+        monkeypatch.setattr(service.bundle, "forward", fails_once)
+        failed = post(client, "/classify", data)
+        assert failed.status_code == 500 and failed.json()["request_id"]
+        answered = post(client, "/classify", data)
+        assert answered.status_code == 200 and answered.json()["predictions"]
+        assert client.app.state.batcher.depth == 0  # type: ignore[attr-defined]
+    assert calls == [1, 1]
