@@ -158,8 +158,9 @@ def accuracy(row: Row, bundle: Bundle, split: Path, limit: int) -> None:
     """Top-1 of the held-out drawings and their Recall@10 against the training images, both
     embedded by this runtime."""
     test, gallery = _pick(find_images(split / "test"), limit), find_images(split / "train")
-    if not {p.parent.name for p in test} <= set(bundle.config.classes):
-        return  # not a model of the split's classes (e.g. the random ImageNet densenet121)
+    trained = "training" in bundle.config.extra  # not random weights (densenet121 here)
+    if not trained or not {p.parent.name for p in test} <= set(bundle.config.classes):
+        return  # its answers would mean nothing
     gallery = _pick(gallery, 2 * limit) if limit else gallery
     classes = bundle.config.classes
     encoded = bundle.encode(test, batch_size=16)
