@@ -6,8 +6,10 @@ thread of its own that runs nothing but forwards: it takes the waiting requests 
 `max_batch` images, waiting at most `max_wait_ms` for more), stacks them, runs one forward
 (`Bundle.forward`) and hands each request its rows back on the event loop. It takes the next
 batch itself as soon as a forward ends, rather than wait for an event loop busy with other
-requests' HTTP to hand it over (16 clients, efficientnet_lite0, 3 interleaved A/B rounds:
-+3.5 % req/s under OpenVINO bf16, +2.8 % fp32). The queue is bounded, and it counts
+requests' HTTP to hand it over. Against an event-loop coroutine handing batches to an executor
+(efficientnet_lite0, 3 interleaved A/B rounds each): +3.5 % req/s at 16 clients under OpenVINO
+bf16, +2.8 % under fp32, and at 64 clients under int8 185-200 against 199-203 req/s, so about
+even; the worker no longer depends on the loop's latency. The queue is bounded, and it counts
 an upload from the moment its request is admitted (`preparing`: waiting for a decoding thread,
 being decoded) until it is taken into a forward: a request that would overfill it is refused at
 once with `ServiceBusy` (503 + Retry-After) instead of waiting longer and longer, in the queue
