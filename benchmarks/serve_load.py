@@ -102,8 +102,9 @@ class Row:
     top1: float | None = None
     recall10: float | None = None
     classify_p50: float = 0.0
-    # Means over the same sequential requests, from the server's /metrics: its forwards (the
-    # inference worker's, hand-offs included) and its /classify (arrival to answer).
+    # Means over the same sequential requests (and their warm-ups), from the server's /metrics:
+    # its forwards (the inference worker's, hand-offs included) and its /classify (arrival to
+    # answer).
     server_forward_ms: float = 0.0
     server_classify_ms: float = 0.0
     similar_p50: float | None = None
