@@ -163,14 +163,16 @@ class Batcher:
 
     def _collect(self) -> list[_Job] | None:
         """The next batch: what is queued, and what arrives within max_wait_ms of the first;
-        None once stopping."""
+        None once stopping (a batch taken before the stop is still run and answered)."""
         with self._queue:
             while not self._jobs and not self._stopping:
                 self._queue.wait()
+            if self._stopping:
+                return None
             deadline = time.monotonic() + self.max_wait_s
             batch: list[_Job] = []
             size = 0
-            while not self._stopping:
+            while True:
                 while self._jobs and (
                     not batch or size + len(self._jobs[0].images) <= self.max_batch
                 ):
@@ -180,10 +182,10 @@ class Batcher:
                         batch.append(job)
                         size += len(job.images)
                 remaining = deadline - time.monotonic()
-                if self._jobs or size >= self.max_batch or remaining <= 0:
+                full = self._jobs or size >= self.max_batch
+                if full or remaining <= 0 or self._stopping:
                     return batch
                 self._queue.wait(remaining)
-            return None
 
     def _forward(self, batch: list[_Job]) -> None:
         """Run the batch as one forward and answer each job with its own rows, on the loop."""

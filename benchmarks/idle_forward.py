@@ -73,7 +73,9 @@ def main() -> None:
     retain_freed_memory()  # as `imgsim serve` runs
     bundles = args.model or default_bundles(args.work, STAMPS)[0]
     runtimes = [r.strip() for r in args.runtimes.split(",") if r.strip()]
-    threads = Settings().threads
+    settings = Settings()
+    threads = settings.threads
+    image_path = find_images(STAMPS)[0]
     rows = []
     for bundle_dir in bundles:
         for runtime in runtimes:
@@ -83,8 +85,8 @@ def main() -> None:
             except ValueError as refused:  # openvino-bf16 on a CPU without bf16
                 print(f"{bundle_dir.name} {runtime}: skipped ({refused})", file=sys.stderr)
                 continue
-            torch.set_num_threads(Settings().torch_threads(runtime))  # as the server's worker
-            image = bundle.decode(find_images(STAMPS)[0])
+            torch.set_num_threads(settings.torch_threads(runtime))  # as the server's worker
+            image = bundle.decode(image_path)
             medians = forward_after_gaps(bundle, bundle.preprocess(image)[None], args.runs)
             rows.append((bundle_dir.name, runtime, medians))
             print(bundle_dir.name, runtime, medians, flush=True)

@@ -8,6 +8,7 @@ queued (the queue depth says so), then released.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 import time
@@ -16,11 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 import torch
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
+from app.batching import Batcher
 from app.main import create_app
 from app.service import Service, load_service
 from app.settings import Settings, available_cpus
@@ -245,3 +248,24 @@ def test_a_failed_forward_is_a_500_and_the_worker_serves_the_next_request(
         assert answered.status_code == 200 and answered.json()["predictions"]
         assert client.app.state.batcher.depth == 0  # type: ignore[attr-defined]
     assert calls == [1, 1]
+
+
+def test_stopping_answers_the_requests_the_worker_has_taken() -> None:
+    """A request the worker has taken, and is holding while it waits for more (max_wait_ms),
+    is still run and answered when the service stops, not left waiting for ever."""
+
+    def forward(pixels: torch.Tensor) -> Encoded:
+        rows = np.ones((len(pixels), 2), np.float32)
+        return Encoded(rows, rows)
+
+    async def scenario() -> Encoded:
+        batcher = Batcher(forward, max_batch=4, max_wait_ms=WAIT * 1000, queue_size=4)
+        batcher.start()
+        request = asyncio.create_task(batcher.encode([torch.zeros(3, 8, 8)]))
+        await asyncio.sleep(0)  # the request is queued
+        while batcher.depth:  # taken into a batch: the worker now waits for more
+            await asyncio.sleep(0.01)
+        await batcher.stop()
+        return await asyncio.wait_for(request, WAIT)
+
+    assert asyncio.run(scenario()).embeddings.shape == (1, 2)
