@@ -13,7 +13,10 @@ For each bundle and runtime, in this order (never two at once):
   of HTTP and decoding alone); /similar p50 when the bundle has an index;
   then closed-loop load at 1, 4, 16 and 64 clients (one keep-alive connection each; a client
   answered 503 waits the Retry-After it was given, as a client should), with /health probed
-  every 100 ms from its own process during the 64-client run; server memory before and after.
+  every 100 ms from its own process during the 64-client run; server memory before and after;
+- CPU per image, of all threads: decoding and preprocessing an upload in-process, the offline
+  batched run, and the server (from /proc) per sequential /classify and at 16 clients, so that
+  the targets' shortfalls can be read against what a request costs beyond the forward.
 The clients run on the server's cores, so they are lean, as wrk's are: each upload's multipart
 body is encoded once, before timing, and posted over a plain asyncio connection (`Connection`).
 Then the targets are checked and printed PASS/FAIL, and benchmarks/serve_load.md is written.
@@ -31,6 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -108,6 +112,15 @@ class Row:
     server_forward_ms: float = 0.0
     server_classify_ms: float = 0.0
     similar_p50: float | None = None
+    # CPU ms (all threads) per image or request: an upload's decode and its preprocessing
+    # in-process (means over the stamps), the server per sequential /classify (and its event
+    # loop's share), the server per answered request at 16 clients, in-process per image of the
+    # offline batched run.
+    decode_cpu_ms: float = 0.0
+    preprocess_cpu_ms: float = 0.0
+    sequential_cpu_ms: tuple[float, float] = (0.0, 0.0)  # (all threads, event loop)
+    loaded_cpu_ms: float = 0.0
+    offline_cpu_ms: dict[int, float] = field(default_factory=dict)  # batch size -> ms per image
     load: dict[int, dict[str, float]] = field(default_factory=dict)  # clients -> figures
     health_p99: float = 0.0
     memory_mb: tuple[float, float] = (0.0, 0.0)
@@ -115,7 +128,12 @@ class Row:
     @property
     def offline_batched(self) -> float:
         """Offline img/s at the server's max_batch (the nearest measured batch size below it)."""
-        return self.offline[max(b for b in self.offline if b <= max(self.max_batch, 1))]
+        return self.offline[self.offline_batch]
+
+    @property
+    def offline_batch(self) -> int:
+        """The batch size of offline_batched."""
+        return max(b for b in self.offline if b <= max(self.max_batch, 1))
 
 
 # -- in-process ----------------------------------------------------------------------------
@@ -133,9 +151,10 @@ def in_process(row: Row, service: Service, images: list[Image.Image], d: Duratio
     for batch in BATCHES:
         chosen = [images[i % len(images)] for i in range(d.offline_images)]
         encode(chosen[:batch], batch_size=batch)  # warm-up at this shape
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         encode(chosen, batch_size=batch)
         row.offline[batch] = len(chosen) / (time.perf_counter() - started)
+        row.offline_cpu_ms[batch] = 1000 * (time.process_time() - cpu) / len(chosen)
     settings = service.settings
     eager = Bundle.load(settings.bundle_dir, "cpu") if row.runtime != "torch" else service.bundle
     pixels = [service.bundle.preprocess(image)[None] for image in images]
@@ -153,6 +172,24 @@ def in_process(row: Row, service: Service, images: list[Image.Image], d: Duratio
                 times.append(1000 * (time.perf_counter() - started))
     torch.set_num_threads(settings.torch_threads(row.runtime))
     row.forward_ms, row.torch_forward_ms = (statistics.median(times) for _, _, times in runs)
+
+
+def upload_cpu(row: Row, service: Service, uploads: list[bytes]) -> None:
+    """Mean CPU ms of decoding an upload and of preprocessing it, as a decoding thread of the
+    server does (one torch thread)."""
+    bundle, max_pixels = service.bundle, service.settings.max_pixels
+    decode, preprocess = [], []
+    torch.set_num_threads(1)
+    for data in uploads:
+        started = time.thread_time()
+        image = bundle.decode(data, max_pixels)
+        decoded = time.thread_time()
+        bundle.preprocess(image)
+        decode.append(decoded - started)
+        preprocess.append(time.thread_time() - decoded)
+    torch.set_num_threads(service.settings.torch_threads(bundle.runtime.name))
+    row.decode_cpu_ms = 1000 * statistics.mean(decode)
+    row.preprocess_cpu_ms = 1000 * statistics.mean(preprocess)
 
 
 def accuracy(row: Row, bundle: Bundle, split: Path, limit: int) -> None:
@@ -179,6 +216,16 @@ def _pick(paths: list[Path], limit: int) -> list[Path]:
 
 
 # -- over HTTP -----------------------------------------------------------------------------
+
+
+def server_cpu(pid: int) -> np.ndarray:
+    """CPU seconds the process has used so far: all its threads, and its main thread (uvicorn's
+    event loop)."""
+    seconds = []
+    for stat in (Path(f"/proc/{pid}/stat"), Path(f"/proc/{pid}/task/{pid}/stat")):
+        fields = stat.read_text().rsplit(")", 1)[1].split()
+        seconds.append((int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"))
+    return np.array(seconds)
 
 
 def rss_mb(pid: int) -> float:
@@ -269,6 +316,7 @@ async def sequential(
 def raw_and_served(
     row: Row,
     base: str,
+    pid: int,
     service: Service,
     images: list[Image.Image],
     files: list[Upload],
@@ -279,7 +327,7 @@ def raw_and_served(
     raw: list[float] = []
     forward: list[float] = []
     served: list[float] = []
-    server = np.zeros(4)
+    server, cpu, requests = np.zeros(4), np.zeros(2), 0
     pixels = [service.bundle.preprocess(image)[None] for image in images]
     for block in range(ROUNDS):
         for i in range(d.forwards // ROUNDS):
@@ -292,12 +340,16 @@ def raw_and_served(
             forward.append(1000 * (time.perf_counter() - started))
         count = d.sequential // ROUNDS
         before = server_totals(base)
+        cpu -= server_cpu(pid)
         served += asyncio.run(sequential(base, "/classify", files, count, block * count))
+        cpu += server_cpu(pid)
+        requests += count + 3  # with the untimed first three
         server += server_totals(base) - before
     row.raw_encode_ms, row.raw_forward_ms = statistics.median(raw), statistics.median(forward)
     row.classify_p50 = statistics.median(served)
     row.server_forward_ms = 1000 * server[0] / server[1]
     row.server_classify_ms = 1000 * server[2] / server[3]
+    row.sequential_cpu_ms = tuple(1000 * cpu / requests)
 
 
 def server_totals(base: str) -> np.ndarray:
@@ -369,6 +421,7 @@ async def load(base: str, files: list[Upload], clients: int, seconds: float) -> 
     health = json.loads(prober.communicate(timeout=60)[0])
     return {
         "rps": len(latencies) / elapsed,
+        "answered": len(latencies),
         "p50": percentile(latencies, 0.5),
         "p99": percentile(latencies, 0.99),
         "rejected": statuses.count(503) / max(1, len(statuses)),
@@ -388,12 +441,16 @@ def over_http(
     base = f"http://127.0.0.1:{port}"
     try:
         before = rss_mb(server.pid)
-        raw_and_served(row, base, service, images, files, d)
+        raw_and_served(row, base, server.pid, service, images, files, d)
         if httpx.get(f"{base}/health").json()["index_size"]:
             times = asyncio.run(sequential(base, "/similar?k=10", files, d.sequential))
             row.similar_p50 = statistics.median(times)
         for clients in CLIENTS:
+            cpu = server_cpu(server.pid)[0]
             row.load[clients] = asyncio.run(load(base, files, clients, d.load_s))
+            if clients == 16:
+                cpu = server_cpu(server.pid)[0] - cpu
+                row.loaded_cpu_ms = 1000 * cpu / row.load[clients]["answered"]
             print(f"  {row.bundle} {row.runtime} {clients} clients: {row.load[clients]}")
         row.health_p99 = row.load[64]["health_p99"]
         row.memory_mb = (before, rss_mb(server.pid))
@@ -446,7 +503,9 @@ def checks(rows: list[Row]) -> list[tuple[str, bool, str]]:
             (
                 f"{name}: 16-client throughput >= {TARGETS['throughput']}x offline batched",
                 share >= TARGETS["throughput"],
-                f"{row.load[16]['rps']:.1f} / {row.offline_batched:.1f} img/s = {share:.2f}x",
+                f"{row.load[16]['rps']:.1f} / {row.offline_batched:.1f} img/s = {share:.2f}x "
+                f"(CPU per image: {row.loaded_cpu_ms:.1f} ms served, "
+                f"{row.offline_cpu_ms[row.offline_batch]:.1f} ms offline)",
             )
         )
         found.append(
@@ -559,6 +618,27 @@ def report(rows: list[Row], args: argparse.Namespace, d: Durations) -> list[str]
             f"{similar} | {levels} | {row.health_p99:.1f} | "
             f"{row.memory_mb[0]:.0f} → {row.memory_mb[1]:.0f} |"
         )
+    lines += [
+        "",
+        "## CPU per image",
+        "",
+        "CPU ms of every thread of the process, per image. In-process, as a decoding thread of "
+        "the server runs them (means over the stamps): decoding an upload, preprocessing it "
+        "(resize, crop, normalise); offline batched, per image of `encode` of decoded stamps at "
+        "the server's max_batch. The server (its /proc stat): per sequential /classify, and the "
+        "share of its event loop (HTTP, multipart, answer); per answered request at 16 clients.",
+        "",
+        "| bundle | runtime | max_batch | decode | preprocess | offline batched | "
+        "server, sequential (event loop) | server, 16 clients |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        every, loop = row.sequential_cpu_ms
+        lines.append(
+            f"| {row.bundle} | {row.runtime} | {row.max_batch} | {row.decode_cpu_ms:.2f} | "
+            f"{row.preprocess_cpu_ms:.2f} | {row.offline_cpu_ms[row.offline_batch]:.2f} | "
+            f"{every:.2f} ({loop:.2f}) | {row.loaded_cpu_ms:.2f} |"
+        )
     lines += ["", "## Targets (issue 9)", ""]
     lines += [f"- {'PASS' if ok else 'FAIL'} {what}: {why}" for what, ok, why in checks(rows)]
     return lines
@@ -583,6 +663,7 @@ def measure(
     torch.set_num_threads(settings.torch_threads(service.bundle.runtime.name))  # as the server
     images = [service.bundle.decode(path, settings.max_pixels) for path in paths]
     in_process(first, service, images, d)
+    upload_cpu(first, service, [path.read_bytes() for path in paths])
     if args.split is not None and (args.split / "test").is_dir():
         accuracy(first, service.bundle, args.split, d.accuracy_images)
     rows = [first] + [replace(first, max_batch=b, load={}) for b in batchings[1:]]
