@@ -174,22 +174,24 @@ def in_process(row: Row, service: Service, images: list[Image.Image], d: Duratio
     row.forward_ms, row.torch_forward_ms = (statistics.median(times) for _, _, times in runs)
 
 
-def upload_cpu(row: Row, service: Service, uploads: list[bytes]) -> None:
-    """Mean CPU ms of decoding an upload and of preprocessing it, as a decoding thread of the
-    server does (one torch thread)."""
+def decoded_uploads(row: Row, service: Service, paths: list[Path]) -> list[Image.Image]:
+    """The images, decoded from their bytes as a decoding thread of the server does (one torch
+    thread), with the mean CPU ms of decoding one and of preprocessing it."""
     bundle, max_pixels = service.bundle, service.settings.max_pixels
-    decode, preprocess = [], []
+    images, decode, preprocess = [], [], []
     torch.set_num_threads(1)
-    for data in uploads:
+    for path in paths:
+        data = path.read_bytes()
         started = time.thread_time()
-        image = bundle.decode(data, max_pixels)
+        images.append(bundle.decode(data, max_pixels))
         decoded = time.thread_time()
-        bundle.preprocess(image)
+        bundle.preprocess(images[-1])
         decode.append(decoded - started)
         preprocess.append(time.thread_time() - decoded)
-    torch.set_num_threads(service.settings.torch_threads(bundle.runtime.name))
+    torch.set_num_threads(service.settings.torch_threads(bundle.runtime.name))  # as the server
     row.decode_cpu_ms = 1000 * statistics.mean(decode)
     row.preprocess_cpu_ms = 1000 * statistics.mean(preprocess)
+    return images
 
 
 def accuracy(row: Row, bundle: Bundle, split: Path, limit: int) -> None:
@@ -660,10 +662,8 @@ def measure(
     settings = settings_for(bundle_dir, runtime)
     paths = _pick(find_images(args.stamps), 64)
     service = load_service(settings)
-    torch.set_num_threads(settings.torch_threads(service.bundle.runtime.name))  # as the server
-    images = [service.bundle.decode(path, settings.max_pixels) for path in paths]
+    images = decoded_uploads(first, service, paths)
     in_process(first, service, images, d)
-    upload_cpu(first, service, [path.read_bytes() for path in paths])
     if args.split is not None and (args.split / "test").is_dir():
         accuracy(first, service.bundle, args.split, d.accuracy_images)
     rows = [first] + [replace(first, max_batch=b, load={}) for b in batchings[1:]]
