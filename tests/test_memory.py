@@ -39,5 +39,8 @@ def _faults_per_forward(mode: str) -> float:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
 def test_forwards_reuse_their_memory_instead_of_faulting_it_in_again() -> None:
-    assert _faults_per_forward("default") > 500  # what the setting is for: glibc's default
+    # What the setting is for: glibc's default faults the activations in again. How often
+    # varies from process to process (484-1,476 per forward in 20 runs here, and once 9.8), so
+    # the most of three is held to it.
+    assert max(_faults_per_forward("default") for _ in range(3)) > 300
     assert _faults_per_forward("retain") < 50
