@@ -77,7 +77,7 @@ from models.bundle import Bundle
 from models.data import find_images
 from models.memory import retain_freed_memory
 from models.runtime import ENGINES
-from tests.servers import free_port, start_server
+from tests.servers import answering, free_port, start_server
 
 HERE = Path(__file__).parent
 ROUNDS = 5  # alternating blocks when two figures are compared
@@ -533,17 +533,10 @@ def start_floor() -> tuple[subprocess.Popen, Served]:
     """benchmarks/http_floor.py in a child process, once it answers /health."""
     port = free_port()
     command = [sys.executable, "-m", "benchmarks.http_floor", "--port", str(port)]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tempfile.TemporaryFile("w+")  # not a pipe: one nobody reads blocks the server once full
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                return process, Served(base, process.pid)
-        except httpx.TransportError:
-            time.sleep(0.2)
-    process.kill()
-    raise RuntimeError("benchmarks/http_floor.py did not answer /health within 60 s")
+    return answering(process, base, "benchmarks/http_floor.py", log), Served(base, process.pid)
 
 
 # -- bundles -------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import IO
 
 import httpx
 
@@ -42,15 +43,21 @@ def start_server(
         stderr=subprocess.STDOUT,
         text=True,
     )
+    return answering(process, f"http://127.0.0.1:{port}", "imgsim serve", log)
+
+
+def answering(process: subprocess.Popen, base: str, name: str, log: IO[str]) -> subprocess.Popen:
+    """The server process once it answers GET base/health (within 120 s); raises, with the log
+    it writes to, if it exits or does not answer by then."""
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if process.poll() is not None:
             log.seek(0)
-            raise AssertionError(f"imgsim serve exited:\n{log.read()}")
+            raise AssertionError(f"{name} exited:\n{log.read()}")
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
                 return process
         except httpx.TransportError:
             time.sleep(0.2)
     process.kill()
-    raise AssertionError("imgsim serve did not answer /health within 120 s")
+    raise AssertionError(f"{name} did not answer /health within 120 s")
