@@ -36,7 +36,7 @@ written are checked after them:
 - 16 clients >= 0.9x the attainable rate: the offline batched rate, or, when fewer, the cores
   divided by the CPU of a served image at least (its offline batched share, its decode and the
   HTTP floor's request at 16 clients).
-For a model whose forward dominates (densenet121 under eager PyTorch: 60 ms) both come to the
+For a model whose forward dominates (densenet121 under eager PyTorch) both come to the
 targets as written.
 
     python -m benchmarks.serve_load [--quick] [--runtimes torch,onnx,openvino,... (default: all)]
