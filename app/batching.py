@@ -1,19 +1,21 @@
 """Micro-batching: the images of requests that arrive together share one forward of the model.
 
-Route handlers hand their preprocessed images (decoded and normalised in the request's thread,
-`Bundle.preprocess`) to the one `Batcher` of the app and await their own rows. Its worker is a
-thread of its own that runs nothing but forwards: it takes the waiting requests (up to
+Route handlers hand their uploads to the one `Batcher` of the app and await their own rows. One of
+its decoding threads reads, decodes and preprocesses an upload (`Bundle.preprocess`) and queues its
+images itself, so the event loop only admits the request and, once, receives its answer. Against
+decoding in an anyio thread and queueing on the loop (efficientnet_lite0, OpenVINO bf16, 2 cores, 3
+interleaved A/B rounds): 16 clients 184 against 165 req/s, CPU per request 9.8 against 11.1 ms. Its
+worker is a thread of its own that runs nothing but forwards: it takes the waiting requests (up to
 `max_batch` images, waiting at most `max_wait_ms` for more), stacks them, runs one forward
-(`Bundle.forward`) and hands each request its rows back on the event loop. It takes the next
-batch itself as soon as a forward ends, rather than wait for an event loop busy with other
-requests' HTTP to hand it over. Against an event-loop coroutine handing batches to an executor
+(`Bundle.forward`) and hands each request its rows back on the event loop. It takes the next batch
+itself as soon as a forward ends, rather than wait for an event loop busy with other requests' HTTP
+to hand it over. Against an event-loop coroutine handing batches to an executor
 (efficientnet_lite0, 3 interleaved A/B rounds each): +3.5 % req/s at 16 clients under OpenVINO
-bf16, +2.8 % under fp32, and at 64 clients under int8 185-200 against 199-203 req/s, so about
-even; the worker no longer depends on the loop's latency. The queue is bounded, and it counts
-an upload from the moment its request is admitted (`preparing`: waiting for a decoding thread,
-being decoded) until it is taken into a forward: a request that would overfill it is refused at
-once with `ServiceBusy` (503 + Retry-After) instead of waiting longer and longer, in the queue
-or before it.
+bf16, +2.8 % under fp32, and at 64 clients under int8 185-200 against 199-203 req/s, so about even;
+the worker no longer depends on the loop's latency. The queue is bounded, and it counts an upload
+from the moment its request is admitted (waiting for a decoding thread, being decoded) until it is
+taken into a forward: a request that would overfill it is refused at once with `ServiceBusy` (503 +
+Retry-After) instead of waiting longer and longer, in the queue or before it.
 
 Only the worker's thread runs torch with more than one intra-op thread (`threads`); every other
 thread of the process (the one that loads the model, `load_service`; the event loop's; the
@@ -32,9 +34,10 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 
@@ -45,7 +48,10 @@ from models.bundle import Encoded
 log = logging.getLogger(__name__)
 
 Forward = Callable[[torch.Tensor], Encoded]  # one forward of a batch (N, 3, S, S)
+Prepare = Callable[[], list[torch.Tensor]]  # reads and preprocesses a request's images
 FIRST_GUESS_S = 0.1  # seconds per image assumed for Retry-After before the first forward
+T = TypeVar("T")
+Answer = tuple[asyncio.Future[Any], Any]  # a request's future and its result or exception
 
 
 @dataclass
@@ -65,15 +71,16 @@ class Batcher:
         queue_size: int,
         metrics: Metrics | None = None,
         threads: int = 1,
+        decoding_threads: int = 1,
     ):
         self.max_batch, self.queue_size = max_batch, queue_size
         self.max_wait_s = max_wait_ms / 1000
         self._forward_batch, self._metrics = forward, metrics
-        self._queue = threading.Condition()  # guards _jobs, _pending and _stopping
+        self._queue = threading.Condition()  # guards _jobs, _pending, _preparing and _stopping
         self._jobs: deque[_Job] = deque()
         self._pending = 0  # images queued, not yet taken into a batch
         self._stopping = False
-        self._preparing = 0  # images admitted, still being read and decoded by their requests
+        self._preparing = 0  # images admitted, waiting for a decoding thread or being decoded
         self._seconds_per_image = FIRST_GUESS_S
         self._loop: asyncio.AbstractEventLoop | None = None  # where the requests wait
         # The worker thread starts now, with its own torch threads; then every other thread is
@@ -85,6 +92,9 @@ class Batcher:
         self._thread.start()
         ready.wait()
         single_threaded_torch()
+        # At most `decoding_threads` uploads are decoded at once, so that under load they neither
+        # crowd the event loop (and /health) off the GIL nor the model off the cores.
+        self._decoding = ThreadPoolExecutor(decoding_threads, thread_name_prefix="imgsim-decoding")
 
     @property
     def depth(self) -> int:
@@ -112,6 +122,7 @@ class Batcher:
         for job in queued:
             if not job.future.done():
                 job.future.set_exception(NotReady("the service is shutting down"))
+        await asyncio.to_thread(self._decoding.shutdown)  # what they decode now is refused
         await asyncio.to_thread(self._thread.join)
 
     def admit(self, count: int = 1) -> None:
@@ -130,28 +141,68 @@ class Batcher:
                 retry_after=max(1, wait),
             )
 
-    @contextmanager
-    def preparing(self, count: int = 1) -> Iterator[None]:
-        """Admit `count` images (or raise ServiceBusy) and count them in the queue while their
-        request reads and decodes them, so that requests waiting to be decoded are bounded too."""
-        self.admit(count)
-        self._preparing += count
-        try:
-            yield
-        finally:
-            self._preparing -= count
+    async def prepared(self, prepare: Callable[[], T], count: int = 1) -> T:
+        """prepare() (reading and decoding `count` uploaded images) in a decoding thread. The
+        images are admitted first (or ServiceBusy) and count in the queue until it returns, so
+        that requests waiting to be decoded are bounded too."""
+        future: asyncio.Future[T] = self._admitted(count)
+
+        def run() -> None:
+            try:
+                outcome: T | Exception = prepare()
+            except Exception as error:
+                outcome = error
+            with self._queue:
+                self._preparing -= count
+            self._answer([(future, outcome)])
+
+        self._decoding.submit(run)
+        return await future
+
+    async def encode_prepared(self, prepare: Prepare, count: int = 1) -> Encoded:
+        """Embeddings and logits of the images prepare() makes in a decoding thread, which
+        queues them for a forward itself: the event loop admits the request (as `prepared`
+        does) and is woken once, by its answer."""
+        future: asyncio.Future[Encoded] = self._admitted(count)
+
+        def run() -> None:
+            try:
+                images = prepare()
+            except Exception as error:
+                with self._queue:
+                    self._preparing -= count
+                self._answer([(future, error)])
+                return
+            self._put(_Job(images, future), prepared=count)
+
+        self._decoding.submit(run)
+        return await future
 
     async def encode(self, images: list[torch.Tensor]) -> Encoded:
         """Embeddings and logits of these preprocessed images (each 3, S, S), computed in a
-        batch with other requests'. Admitted again: a request may have come in without
-        `preparing`."""
+        batch with other requests'."""
         self.admit(len(images))
         job = _Job(images, asyncio.get_running_loop().create_future())
-        with self._queue:
-            self._jobs.append(job)
-            self._pending += len(images)
-            self._queue.notify()
+        self._put(job)
         return await job.future
+
+    def _admitted(self, count: int) -> asyncio.Future[Any]:
+        """A future for a request of `count` images, admitted and counted as being prepared."""
+        self.admit(count)
+        with self._queue:
+            self._preparing += count
+        return asyncio.get_running_loop().create_future()
+
+    def _put(self, job: _Job, prepared: int = 0) -> None:
+        """Queue a job (from any thread), whose images were counted as being prepared."""
+        with self._queue:
+            self._preparing -= prepared
+            if not self._stopping:
+                self._jobs.append(job)
+                self._pending += len(job.images)
+                self._queue.notify()
+                return
+        self._answer([(job.future, NotReady("the service is shutting down"))])
 
     def _work(self, threads: int, ready: threading.Event) -> None:
         """The worker thread: batches and their forwards, one after the other, until stopped."""
@@ -201,7 +252,7 @@ class Batcher:
         self._seconds_per_image = seconds / len(images)
         if self._metrics is not None:
             self._metrics.observe_forward(len(images), seconds)
-        answers: list[tuple[asyncio.Future[Encoded], Encoded | Exception]] = []
+        answers: list[Answer] = []
         start = 0
         for job in batch:
             end = start + len(job.images)
@@ -209,7 +260,7 @@ class Batcher:
             start = end
         self._answer(answers)
 
-    def _answer(self, answers: list[tuple[asyncio.Future[Encoded], Encoded | Exception]]) -> None:
+    def _answer(self, answers: list[Answer]) -> None:
         """Settle the requests' futures on their event loop (futures are not thread-safe)."""
         assert self._loop is not None  # jobs are only queued once started
         try:
@@ -218,7 +269,7 @@ class Batcher:
             log.warning("the event loop closed before %d answers were delivered", len(answers))
 
 
-def _settle(answers: list[tuple[asyncio.Future[Encoded], Encoded | Exception]]) -> None:
+def _settle(answers: list[Answer]) -> None:
     for future, answer in answers:
         if future.done():  # its caller went away
             continue

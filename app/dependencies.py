@@ -1,4 +1,5 @@
-"""What route handlers receive: the loaded service and the uploaded image(s)."""
+"""What route handlers receive: the loaded service, the uploaded image(s) and what the model
+makes of an upload."""
 
 from __future__ import annotations
 
@@ -9,13 +10,13 @@ from functools import cached_property
 from typing import Annotated
 
 import torch
-from anyio import CapacityLimiter, to_thread
 from fastapi import Depends, File, Request, UploadFile
 from PIL import Image
 
 from app.batching import Batcher
 from app.errors import UploadTooLarge
 from app.service import Service
+from models.bundle import Encoded
 
 
 async def get_service(request: Request) -> Service:
@@ -34,20 +35,10 @@ async def get_batcher(request: Request) -> Batcher:
 BatcherDep = Annotated[Batcher, Depends(get_batcher)]
 
 
-async def get_decoding(request: Request) -> CapacityLimiter:
-    """The threads that read, decode and preprocess uploads: `threads` of them at most, so that
-    under load they neither crowd the event loop (and /health) off the GIL nor the model off
-    the cores."""
-    return request.app.state.decoding
-
-
-DecodingDep = Annotated[CapacityLimiter, Depends(get_decoding)]
-
-
 @dataclass(frozen=True)
 class Upload:
     """One uploaded image: its bytes, content hash, decoded image and the model's input made of
-    it (preprocessed here, in the request's thread, so the inference worker only runs forwards)."""
+    it (preprocessed in a decoding thread, so the inference worker only runs forwards)."""
 
     data: bytes
     sha256: str
@@ -74,36 +65,52 @@ def read_upload(service: Service, file: UploadFile) -> Upload:
     return Upload(data, hashlib.sha256(data).hexdigest(), image, pixels)
 
 
-async def uploaded(
-    service: ServiceDep,
-    batcher: BatcherDep,
-    decoding: DecodingDep,
-    file: Annotated[UploadFile, File()],
-) -> Upload:
-    """The multipart field 'file', read and decoded; refused at once (503) when the queue is
-    full, before it waits for a decoding thread."""
-    with batcher.preparing():
-        return await to_thread.run_sync(read_upload, service, file, limiter=decoding)
+@dataclass(frozen=True)
+class Query:
+    """An uploaded image and what the model makes of it."""
+
+    upload: Upload
+    encoded: Encoded  # one row
 
 
-async def uploaded_image(upload: Annotated[Upload, Depends(uploaded)]) -> Image.Image:
-    """The decoded image of the multipart field 'file'."""
+async def queried(
+    request: Request, service: ServiceDep, file: Annotated[UploadFile, File()]
+) -> Query:
+    """The multipart field 'file', read, decoded and run through the model (in a batch with
+    other requests'); refused at once (503) when the queue is full."""
+    upload: Upload | None = None
+
+    def prepare() -> list[torch.Tensor]:
+        nonlocal upload
+        upload = read_upload(service, file)
+        return [upload.pixels]
+
+    batcher: Batcher = request.app.state.batcher
+    encoded = await batcher.encode_prepared(prepare)
+    assert upload is not None  # set by prepare() before it queued the image
+    return Query(upload, encoded)
+
+
+async def uploaded_image(
+    service: ServiceDep, batcher: BatcherDep, file: Annotated[UploadFile, File()]
+) -> Image.Image:
+    """The decoded image of the multipart field 'file' (admitted as a model request is)."""
+    upload = await batcher.prepared(lambda: read_upload(service, file))
     return upload.image
 
 
 async def uploaded_files(
     service: ServiceDep,
     batcher: BatcherDep,
-    decoding: DecodingDep,
     files: Annotated[list[UploadFile], File(description="images")],
 ) -> list[Upload]:
-    """Every multipart field 'files', read and decoded (admitted as uploaded is)."""
-    with batcher.preparing(len(files)):
-        return [
-            await to_thread.run_sync(read_upload, service, file, limiter=decoding) for file in files
-        ]
+    """Every multipart field 'files', read and decoded one after another in a decoding thread
+    (admitted together)."""
+    return await batcher.prepared(
+        lambda: [read_upload(service, file) for file in files], len(files)
+    )
 
 
-UploadDep = Annotated[Upload, Depends(uploaded)]
+QueryDep = Annotated[Query, Depends(queried)]
 UploadsDep = Annotated[list[Upload], Depends(uploaded_files)]
 ImageDep = Annotated[Image.Image, Depends(uploaded_image)]

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import anyio
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
@@ -31,7 +30,6 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
         app.state.service = loaded = service or load_service(settings)
         log_write_policy(loaded.settings)
         app.state.batcher = batcher = start_batcher(loaded, metrics)
-        app.state.decoding = anyio.CapacityLimiter(loaded.settings.threads)
         metrics.watch(loaded, lambda: batcher.depth)
         yield
         await batcher.stop()
@@ -77,6 +75,7 @@ def start_batcher(service: Service, metrics: Metrics) -> Batcher:
         settings.queue_size,
         metrics,
         threads=settings.torch_threads(service.bundle.runtime.name),
+        decoding_threads=settings.threads,
     )
     batcher.start()
     return batcher

@@ -24,6 +24,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from app.batching import Batcher
+from app.errors import NotReady
 from app.main import create_app
 from app.service import Service, load_service
 from app.settings import Settings, available_cpus
@@ -269,3 +270,47 @@ def test_stopping_answers_the_requests_the_worker_has_taken() -> None:
         return await asyncio.wait_for(request, WAIT)
 
     assert asyncio.run(scenario()).embeddings.shape == (1, 2)
+
+
+def test_an_upload_that_cannot_be_decoded_is_refused_and_gives_back_its_place(
+    trained_bundle_dir: Path, index_dir: Path, shapes_dir: Path
+) -> None:
+    app, _ = serving(trained_bundle_dir, index_dir, queue_size=1)
+    data = (shapes_dir / "star" / "star_000.png").read_bytes()
+    with TestClient(app) as client:
+        batcher = client.app.state.batcher  # type: ignore[attr-defined]
+        for path in ("/classify", "/similar"):
+            refused = post(client, path, b"not an image at all")
+            assert refused.status_code == 422 and "not an image" in refused.text
+            assert batcher.depth == 0
+            assert post(client, path, data).status_code == 200
+
+
+def test_an_upload_still_being_decoded_when_the_service_stops_is_refused() -> None:
+    """Its decoding thread finishes after the stop: the request gets NotReady (503), it is
+    neither run nor left waiting."""
+    started, release = threading.Event(), threading.Event()
+
+    def prepare() -> list[torch.Tensor]:
+        started.set()
+        release.wait(WAIT)
+        return [torch.zeros(3, 8, 8)]
+
+    def forward(pixels: torch.Tensor) -> Encoded:
+        raise AssertionError("nothing should reach the model")
+
+    async def scenario() -> None:
+        batcher = Batcher(forward, max_batch=4, max_wait_ms=1, queue_size=4)
+        batcher.start()
+        request = asyncio.create_task(batcher.encode_prepared(prepare))
+        while not started.is_set():
+            await asyncio.sleep(0.01)
+        stopping = asyncio.create_task(batcher.stop())
+        await asyncio.sleep(0)  # the stop has begun: the worker takes nothing more
+        release.set()
+        await asyncio.wait_for(stopping, WAIT)
+        with pytest.raises(NotReady):
+            await asyncio.wait_for(request, WAIT)
+        assert batcher.depth == 0
+
+    asyncio.run(scenario())

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from app.auth import write_policy
-from app.dependencies import BatcherDep, ServiceDep, UploadDep
+from app.dependencies import QueryDep, ServiceDep
 from app.routes import ERRORS
 from app.schemas import ClassifyResponse, Health, Prediction
 from app.service import Service
@@ -43,8 +43,7 @@ UNKNOWN = "unknown"
 @router.post("/classify", responses=ERRORS)
 async def classify(
     service: ServiceDep,
-    batcher: BatcherDep,
-    upload: UploadDep,
+    query: QueryDep,
     top_k: Annotated[int, Query(ge=1, le=100)] = 5,
     threshold: Annotated[
         float | None,
@@ -58,7 +57,7 @@ async def classify(
 ) -> ClassifyResponse:
     """The top_k most probable classes of the uploaded image (multipart field 'file'); the
     label is "unknown" when the best probability is below the threshold."""
-    probabilities = (await batcher.encode([upload.pixels])).probabilities()
+    probabilities = query.encoded.probabilities()
     classes = service.bundle.config.classes
     order = probabilities[0].argsort()[::-1][:top_k]
     predictions = [Prediction(label=classes[i], score=float(probabilities[0, i])) for i in order]

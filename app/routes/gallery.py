@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Form, Query, Response
 from starlette.concurrency import run_in_threadpool
 
 from app.auth import require_writer
-from app.dependencies import BatcherDep, ServiceDep, UploadDep, UploadsDep
+from app.dependencies import BatcherDep, QueryDep, ServiceDep, UploadsDep
 from app.errors import InvalidRequest, NoIndex
 from app.routes import ERRORS, ItemId
 from app.schemas import (
@@ -50,19 +50,17 @@ def _similar(service: Service, found: list[Found]) -> SimilarResponse:
 @router.post("/similar", responses=ERRORS)
 async def similar(
     service: ServiceDep,
-    batcher: BatcherDep,
-    upload: UploadDep,
+    query: QueryDep,
     k: K = 10,
     label: LabelFilter = None,
 ) -> SimilarResponse:
     """The k images of the collection most similar to the upload (multipart field 'file'), best
     first; stored copies of the upload itself (same bytes) are left out."""
     gallery = _gallery(service)
-    embedding = (await batcher.encode([upload.pixels])).embeddings
 
     def search() -> list[list[Found]]:
-        own = gallery.ids_of_content(upload.sha256)
-        return gallery.search(embedding, k, label=label, exclude=own)
+        own = gallery.ids_of_content(query.upload.sha256)
+        return gallery.search(query.encoded.embeddings, k, label=label, exclude=own)
 
     return _similar(service, (await run_in_threadpool(search))[0])
 
