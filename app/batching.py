@@ -3,19 +3,20 @@
 Route handlers hand their uploads to the one `Batcher` of the app and await their own rows. One of
 its decoding threads reads, decodes and preprocesses an upload (`Bundle.preprocess`) and queues its
 images itself, so the event loop only admits the request and, once, receives its answer. Against
-decoding in an anyio thread and queueing on the loop (efficientnet_lite0, OpenVINO bf16, 2 cores, 3
-interleaved A/B rounds): 16 clients 184 against 165 req/s, CPU per request 9.8 against 11.1 ms. Its
-worker is a thread of its own that runs nothing but forwards: it takes the waiting requests (up to
-`max_batch` images, waiting at most `max_wait_ms` for more), stacks them, runs one forward
-(`Bundle.forward`) and hands each request its rows back on the event loop. It takes the next batch
-itself as soon as a forward ends, rather than wait for an event loop busy with other requests' HTTP
-to hand it over. Against an event-loop coroutine handing batches to an executor
-(efficientnet_lite0, 3 interleaved A/B rounds each): +3.5 % req/s at 16 clients under OpenVINO
-bf16, +2.8 % under fp32, and at 64 clients under int8 185-200 against 199-203 req/s, so about even;
-the worker no longer depends on the loop's latency. The queue is bounded, and it counts an upload
-from the moment its request is admitted (waiting for a decoding thread, being decoded) until it is
-taken into a forward: a request that would overfill it is refused at once with `ServiceBusy` (503 +
-Retry-After) instead of waiting longer and longer, in the queue or before it.
+decoding in an anyio thread and queueing on the loop (efficientnet_lite0 on 2 cores, 3 interleaved
+A/B rounds each): 16 clients 184 against 165 req/s under OpenVINO bf16 and 225 against 204 under
+OpenVINO int8, with 9.8 against 11.1 and 7.9 against 8.9 ms of CPU per request; sequential latency
+the same within the noise. Its worker is a thread of its own that runs nothing but forwards: it
+takes the waiting requests (up to `max_batch` images, waiting at most `max_wait_ms` for more),
+stacks them, runs one forward (`Bundle.forward`) and hands each request its rows back on the event
+loop. It takes the next batch itself as soon as a forward ends, rather than wait for an event loop
+busy with other requests' HTTP to hand it over. Against an event-loop coroutine handing batches to
+an executor (efficientnet_lite0, 3 interleaved A/B rounds each): +3.5 % req/s at 16 clients under
+OpenVINO bf16, +2.8 % under fp32, and at 64 clients under int8 185-200 against 199-203 req/s, so
+about even; the worker no longer depends on the loop's latency. The queue is bounded, and it counts
+an upload from the moment its request is admitted (waiting for a decoding thread, being decoded)
+until it is taken into a forward: a request that would overfill it is refused at once with
+`ServiceBusy` (503 + Retry-After) instead of waiting longer and longer, in the queue or before it.
 
 Only the worker's thread runs torch with more than one intra-op thread (`threads`); every other
 thread of the process (the one that loads the model, `load_service`; the event loop's; the

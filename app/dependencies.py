@@ -66,16 +66,16 @@ def read_upload(service: Service, file: UploadFile) -> Upload:
 
 
 @dataclass(frozen=True)
-class Query:
+class QueryImage:
     """An uploaded image and what the model makes of it."""
 
     upload: Upload
     encoded: Encoded  # one row
 
 
-async def queried(
+async def query_image(
     request: Request, service: ServiceDep, file: Annotated[UploadFile, File()]
-) -> Query:
+) -> QueryImage:
     """The multipart field 'file', read, decoded and run through the model (in a batch with
     other requests'); refused at once (503) when the queue is full."""
     upload: Upload | None = None
@@ -88,7 +88,7 @@ async def queried(
     batcher: Batcher = request.app.state.batcher
     encoded = await batcher.encode_prepared(prepare)
     assert upload is not None  # set by prepare() before it queued the image
-    return Query(upload, encoded)
+    return QueryImage(upload, encoded)
 
 
 async def uploaded_image(
@@ -111,6 +111,6 @@ async def uploaded_files(
     )
 
 
-QueryDep = Annotated[Query, Depends(queried)]
+QueryImageDep = Annotated[QueryImage, Depends(query_image)]
 UploadsDep = Annotated[list[Upload], Depends(uploaded_files)]
 ImageDep = Annotated[Image.Image, Depends(uploaded_image)]

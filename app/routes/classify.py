@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from app.auth import write_policy
-from app.dependencies import QueryDep, ServiceDep
+from app.dependencies import QueryImageDep, ServiceDep
 from app.routes import ERRORS
 from app.schemas import ClassifyResponse, Health, Prediction
 from app.service import Service
@@ -43,7 +43,7 @@ UNKNOWN = "unknown"
 @router.post("/classify", responses=ERRORS)
 async def classify(
     service: ServiceDep,
-    query: QueryDep,
+    query: QueryImageDep,
     top_k: Annotated[int, Query(ge=1, le=100)] = 5,
     threshold: Annotated[
         float | None,

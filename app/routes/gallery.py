@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Form, Query, Response
 from starlette.concurrency import run_in_threadpool
 
 from app.auth import require_writer
-from app.dependencies import BatcherDep, QueryDep, ServiceDep, UploadsDep
+from app.dependencies import BatcherDep, QueryImageDep, ServiceDep, UploadsDep
 from app.errors import InvalidRequest, NoIndex
 from app.routes import ERRORS, ItemId
 from app.schemas import (
@@ -50,7 +50,7 @@ def _similar(service: Service, found: list[Found]) -> SimilarResponse:
 @router.post("/similar", responses=ERRORS)
 async def similar(
     service: ServiceDep,
-    query: QueryDep,
+    query: QueryImageDep,
     k: K = 10,
     label: LabelFilter = None,
 ) -> SimilarResponse:
