@@ -146,38 +146,13 @@ class Batcher:
         """prepare() (reading and decoding `count` uploaded images) in a decoding thread. The
         images are admitted first (or ServiceBusy) and count in the queue until it returns, so
         that requests waiting to be decoded are bounded too."""
-        future: asyncio.Future[T] = self._admitted(count)
-
-        def run() -> None:
-            try:
-                outcome: T | Exception = prepare()
-            except Exception as error:
-                outcome = error
-            with self._queue:
-                self._preparing -= count
-            self._answer([(future, outcome)])
-
-        self._decoding.submit(run)
-        return await future
+        return await self._in_decoding_thread(prepare, count, then_queue=False)
 
     async def encode_prepared(self, prepare: Prepare, count: int = 1) -> Encoded:
         """Embeddings and logits of the images prepare() makes in a decoding thread, which
         queues them for a forward itself: the event loop admits the request (as `prepared`
         does) and is woken once, by its answer."""
-        future: asyncio.Future[Encoded] = self._admitted(count)
-
-        def run() -> None:
-            try:
-                images = prepare()
-            except Exception as error:
-                with self._queue:
-                    self._preparing -= count
-                self._answer([(future, error)])
-                return
-            self._put(_Job(images, future), prepared=count)
-
-        self._decoding.submit(run)
-        return await future
+        return await self._in_decoding_thread(prepare, count, then_queue=True)
 
     async def encode(self, images: list[torch.Tensor]) -> Encoded:
         """Embeddings and logits of these preprocessed images (each 3, S, S), computed in a
@@ -187,12 +162,31 @@ class Batcher:
         self._put(job)
         return await job.future
 
-    def _admitted(self, count: int) -> asyncio.Future[Any]:
-        """A future for a request of `count` images, admitted and counted as being prepared."""
+    def _in_decoding_thread(
+        self, prepare: Callable[[], Any], count: int, then_queue: bool
+    ) -> asyncio.Future[Any]:
+        """Admit `count` images, counted as being prepared, and run prepare() in a decoding
+        thread; its result (or exception) answers the future, or, with then_queue, its images
+        are queued from that thread and the forward answers it."""
         self.admit(count)
         with self._queue:
             self._preparing += count
-        return asyncio.get_running_loop().create_future()
+        future = asyncio.get_running_loop().create_future()
+
+        def run() -> None:
+            try:
+                outcome = prepare()
+            except Exception as error:
+                outcome = error
+            if then_queue and not isinstance(outcome, Exception):
+                self._put(_Job(outcome, future), prepared=count)
+                return
+            with self._queue:
+                self._preparing -= count
+            self._answer([(future, outcome)])
+
+        self._decoding.submit(run)
+        return future
 
     def _put(self, job: _Job, prepared: int = 0) -> None:
         """Queue a job (from any thread), whose images were counted as being prepared."""

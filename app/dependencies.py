@@ -74,7 +74,7 @@ class QueryImage:
 
 
 async def query_image(
-    request: Request, service: ServiceDep, file: Annotated[UploadFile, File()]
+    service: ServiceDep, batcher: BatcherDep, file: Annotated[UploadFile, File()]
 ) -> QueryImage:
     """The multipart field 'file', read, decoded and run through the model (in a batch with
     other requests'); refused at once (503) when the queue is full."""
@@ -85,7 +85,6 @@ async def query_image(
         upload = read_upload(service, file)
         return [upload.pixels]
 
-    batcher: Batcher = request.app.state.batcher
     encoded = await batcher.encode_prepared(prepare)
     assert upload is not None  # set by prepare() before it queued the image
     return QueryImage(upload, encoded)
