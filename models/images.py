@@ -99,22 +99,35 @@ def load_image(
         raise UnsupportedImage(f"the image data is truncated or corrupt ({err})") from err
 
 
+TGA_FOOTER = b"TRUEVISION-XFILE.\0"  # how a TGA 2.0 file ends; TGA has no signature at its start
+# Pillow's prefix checks for these match any file starting 00 00 01 00 (ICO) or 00 00 02 00
+# (CUR), an uncompressed TGA's header among them; a real icon or cursor holds 1+ images.
+COUNTED_FORMATS = frozenset({"ICO", "CUR"})
+
+
 def format_of(source: Path | bytes) -> str | None:
-    """The name of the image format the file's first bytes announce, as Pillow's plugins
-    recognise it (their prefix checks only: no plugin opens the file); None if none does."""
+    """The name of the image format the file announces, as Pillow's plugins recognise it from
+    its first bytes (their prefix checks only: no plugin opens the file), or TGA from its
+    footer; None if none does."""
     try:
         if isinstance(source, bytes):
-            prefix = source[:16]
+            prefix, suffix = source[:16], source[-len(TGA_FOOTER) :]
         else:
             with source.open("rb") as file:
                 prefix = file.read(16)
+                file.seek(max(0, file.seek(0, io.SEEK_END) - len(TGA_FOOTER)))
+                suffix = file.read()
     except OSError:
         return None
+    if suffix == TGA_FOOTER:
+        return "TGA"
     Image.init()
     for name in Image.ID:
         accept = Image.OPEN[name][1]
         try:
             if accept is not None and accept(prefix):
+                if name in COUNTED_FORMATS and prefix[4:6] == b"\0\0":
+                    continue  # no image in it: not an icon or cursor
                 return name
         except (IndexError, struct.error, ValueError):  # some checks assume enough bytes
             continue

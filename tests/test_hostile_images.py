@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import struct
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -155,6 +156,23 @@ def test_other_formats_are_refused_before_a_plugin_opens_them(
     monkeypatch.setitem(Image.OPEN, fmt, (opened, Image.OPEN[fmt][1]))
     with pytest.raises(UnsupportedFormat, match=f"{fmt} images are not accepted; send JPEG, PNG"):
         load_image(REFUSED[fmt])
+
+
+@pytest.mark.parametrize("compression", [None, "tga_rle"])
+def test_a_tga_is_called_tga_not_a_cursor(compression: str | None, tmp_path: Path) -> None:
+    # An uncompressed TGA starts 00 00 02 00, which is all Pillow's CUR check reads.
+    data = encoded("TGA", compression=compression)
+    path = tmp_path / "drawing.tga"
+    path.write_bytes(data)
+    for source in (data, path):
+        with pytest.raises(UnsupportedFormat, match="^TGA images are not accepted; send JPEG"):
+            load_image(source)
+
+
+def test_a_cursor_is_still_called_a_cursor() -> None:
+    entry = struct.pack("<BBBBHHII", 32, 32, 0, 0, 1, 1, 4096, 22)  # one 32x32 image
+    with pytest.raises(UnsupportedFormat, match="^CUR images are not accepted"):
+        load_image(b"\0\0\2\0\1\0" + entry + bytes(64))
 
 
 @pytest.mark.parametrize("data", [b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF89a"])
