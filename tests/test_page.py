@@ -130,6 +130,8 @@ def test_add_and_delete_with_the_key(server: str, browser: object, tmp_path: Pat
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     page.on("dialog", lambda dialog: dialog.accept())
     page.goto(server)
+    page.wait_for_selector("#gallery .tile")
+    size = int(page.inner_text("#index-size"))
     page.set_input_files("#add-files", str(image))
     page.fill("#add-label", "noise")
     page.fill("#api-key", "wrong")
@@ -141,11 +143,15 @@ def test_add_and_delete_with_the_key(server: str, browser: object, tmp_path: Pat
     page.fill("#add-label", "noise")
     page.click("#add-form button[type=submit]")
     page.wait_for_function("document.querySelector('#add-status').textContent.includes('Added 1')")
+    # The count pill and the index line both say the new size, once the gallery has reloaded.
+    shown = "[...document.querySelectorAll('#size-pill, #index-size')].map(e => e.textContent)"
+    page.wait_for_function(f"({shown}).join('|') === '{size + 1} images|{size + 1}'")
     page.select_option("#gallery-label", "noise")
     page.wait_for_function("document.querySelectorAll('#gallery .tile').length === 1")
     page.click("#gallery .tile .delete")
     page.wait_for_function("document.querySelector('#add-status').textContent.includes('Deleted')")
     page.wait_for_function("document.querySelectorAll('#gallery .tile').length === 0")
+    page.wait_for_function(f"({shown}).join('|') === '{size} images|{size}'")
     page.close()
 
 

@@ -206,7 +206,13 @@ async function loadGallery(offset = state.galleryOffset) {
   $("#page-info").textContent = page.total ? `${page.offset + 1}–${last} of ${page.total}` : "";
   $("#prev").disabled = page.offset === 0;
   $("#next").disabled = last >= page.total;
-  $("#size-pill").textContent = `${Object.values(page.labels).reduce((a, b) => a + b, 0)} images`;
+  showSize(Object.values(page.labels).reduce((a, b) => a + b, 0));
+}
+
+function showSize(images) {
+  $("#size-pill").textContent = `${images} images`;
+  const fact = $("#index-size");  // "What is loaded": absent when no index is
+  if (fact) fact.textContent = images;
 }
 
 function showLabels(labels) {
