@@ -50,10 +50,12 @@ WORKDIR /data
 VOLUME ["/data"]
 
 # Settings come from IMGSIM_* variables (see docker-compose.yml). Bound to 0.0.0.0, the service
-# is read-only unless IMGSIM_API_KEY (or IMGSIM_ALLOW_OPEN_WRITES) is set.
+# is read-only unless IMGSIM_API_KEY (or IMGSIM_ALLOW_OPEN_WRITES) is set. The ONNX exports of
+# a bundle mounted read-only (or of the pretrained model) are kept in the volume, for the next start.
 ARG BACKBONE=densenet121
 ENV IMGSIM_BACKBONE=${BACKBONE} \
     IMGSIM_BUNDLE_DIR=/opt/demo/bundle \
+    IMGSIM_CACHE_DIR=/data/cache \
     IMGSIM_HOST=0.0.0.0
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \

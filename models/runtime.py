@@ -209,12 +209,7 @@ def open_runtime(
 def _exported_runtime(
     bundle: Bundle, name: str, threads: int | None, calibration: Path | None
 ) -> OnnxRuntime | OpenVinoRuntime:
-    folder = bundle.directory
-    if folder is None or not os.access(folder, os.W_OK):
-        if folder is not None:
-            log.warning("%s is read-only: the ONNX export is made in a temporary folder", folder)
-        folder = Path(_scratch_folder())
-    layout = BundleLayout(folder)
+    layout = BundleLayout(export_folder(bundle))
     engine = ENGINES[name]
     model = exported(bundle, layout.onnx)
     if engine.int8:
@@ -222,6 +217,33 @@ def _exported_runtime(
     if engine.engine == "openvino":
         return OpenVinoRuntime(model, name, threads, engine.bf16)
     return OnnxRuntime(model, name, threads)
+
+
+def export_folder(bundle: Bundle) -> Path:
+    """Where the bundle's exports are kept: its own folder, or, when it has none (the pretrained
+    model) or it may not be written (a read-only mount), exports/FINGERPRINT in imgsim's cache,
+    so that the next start reuses them; a temporary folder only when the cache cannot be made."""
+    folder = bundle.directory
+    if folder is not None and os.access(folder, os.W_OK):
+        return folder
+    cache = cache_home() / "exports" / bundle.fingerprint
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        log.warning("cannot keep exports in %s (%s): exporting to a temporary folder", cache, err)
+        return Path(_scratch_folder())
+    if folder is not None:
+        log.info("%s is read-only: its exports are kept in %s", folder, cache)
+    return cache
+
+
+def cache_home() -> Path:
+    """imgsim's cache: IMGSIM_CACHE_DIR, else $XDG_CACHE_HOME/imgsim, else ~/.cache/imgsim (read
+    where it is used, as torch reads TORCH_HOME, since `imgsim eval` exports too)."""
+    if os.environ.get("IMGSIM_CACHE_DIR"):
+        return Path(os.environ["IMGSIM_CACHE_DIR"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "imgsim"
 
 
 def exported(bundle: Bundle, path: Path) -> Path:
@@ -460,8 +482,8 @@ _SCRATCH: list[tempfile.TemporaryDirectory] = []
 
 
 def _scratch_folder() -> str:
-    """A folder for the exports of a bundle with none (the pretrained ImageNet model), kept
-    for the life of the process."""
+    """A folder for exports when imgsim's cache cannot be written, kept for the life of the
+    process."""
     if not _SCRATCH:
         _SCRATCH.append(tempfile.TemporaryDirectory(prefix="imgsim-onnx-"))
     return _SCRATCH[0].name

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import urllib.error
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -18,6 +18,15 @@ from models.training import TrainConfig, train
 
 TINY = {"backbone": "resnet18", "weights": "none", "device": "cpu", "workers": 0}
 SIZE = 64  # the shapes are drawn at this size, and the session bundle trains and serves at it
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _own_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Exports made outside a bundle folder go to a temporary imgsim cache, not the user's
+    (servers started by the tests inherit it)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("IMGSIM_CACHE_DIR", str(tmp_path_factory.mktemp("imgsim-cache")))
+        yield
 
 
 @pytest.fixture(autouse=True)

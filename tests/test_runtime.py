@@ -4,6 +4,7 @@ neighbours."""
 from __future__ import annotations
 
 import gc
+import os
 import shutil
 import threading
 from pathlib import Path
@@ -115,6 +116,27 @@ def _torch_threads_of_a_new_thread() -> int:
     thread.start()
     thread.join()
     return seen[0]
+
+
+def test_a_read_only_bundle_keeps_its_export_in_the_cache(
+    bundle_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    access = os.access  # the bundle folder as on a read-only mount (root may write anywhere)
+    monkeypatch.setattr(
+        os, "access", lambda path, mode: access(path, mode) and Path(path) != bundle_dir
+    )
+    monkeypatch.setenv("IMGSIM_CACHE_DIR", str(tmp_path / "cache"))
+    first = Bundle.load(bundle_dir, "cpu")
+    first.use_runtime("onnx")
+    cached = tmp_path / "cache" / "exports" / first.fingerprint / "model.onnx"
+    assert cached.is_file() and not BundleLayout(bundle_dir).onnx.exists()
+    made = cached.stat().st_mtime_ns
+    again = Bundle.load(bundle_dir, "cpu")
+    again.use_runtime("onnx")
+    assert cached.stat().st_mtime_ns == made  # the next start reuses it
+    image = noise_png(2)
+    expected = Bundle.load(bundle_dir, "cpu").encode(image).logits
+    assert np.abs(again.encode(image).logits - expected).max() < 1e-3
 
 
 def test_an_export_of_other_weights_is_made_again(bundle_dir: Path):
