@@ -12,6 +12,7 @@ benchmarks/serve_load.md.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -227,10 +228,10 @@ def export_folder(bundle: Bundle) -> Path:
     if folder is not None and os.access(folder, os.W_OK):
         return folder
     cache = cache_home() / "exports" / bundle.fingerprint
-    try:
+    with contextlib.suppress(OSError):
         cache.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        log.warning("cannot keep exports in %s (%s): exporting to a temporary folder", cache, err)
+    if not os.access(cache, os.W_OK):
+        log.warning("%s cannot be written: the exports are made in a temporary folder", cache)
         return Path(_scratch_folder())
     if folder is not None:
         log.info("%s is read-only: its exports are kept in %s", folder, cache)

@@ -8,6 +8,7 @@ import os
 import shutil
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -137,6 +138,20 @@ def test_a_read_only_bundle_keeps_its_export_in_the_cache(
     image = noise_png(2)
     expected = Bundle.load(bundle_dir, "cpu").encode(image).logits
     assert np.abs(again.encode(image).logits - expected).max() < 1e-3
+
+
+def test_the_pretrained_models_exports_go_to_the_cache_or_else_a_temporary_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
+    pretrained = SimpleNamespace(directory=None, fingerprint="0123456789abcdef")  # no folder
+    monkeypatch.setenv("IMGSIM_CACHE_DIR", str(tmp_path / "cache"))
+    assert runtime.export_folder(pretrained) == tmp_path / "cache" / "exports" / "0123456789abcdef"
+    blocked = tmp_path / "a-file"  # a cache that cannot be made, even by root
+    blocked.write_text("")
+    monkeypatch.setenv("IMGSIM_CACHE_DIR", str(blocked))
+    folder = runtime.export_folder(pretrained)
+    assert folder.is_dir() and os.access(folder, os.W_OK) and blocked not in folder.parents
+    assert "cannot be written: the exports are made in a temporary folder" in caplog.text
 
 
 def test_an_export_of_other_weights_is_made_again(bundle_dir: Path):
