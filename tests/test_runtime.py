@@ -127,6 +127,7 @@ def test_a_read_only_bundle_keeps_its_export_in_the_cache(
         os, "access", lambda path, mode: access(path, mode) and Path(path) != bundle_dir
     )
     monkeypatch.setenv("IMGSIM_CACHE_DIR", str(tmp_path / "cache"))
+    BundleLayout(bundle_dir).onnx.unlink(missing_ok=True)  # an earlier test's, copied along
     first = Bundle.load(bundle_dir, "cpu")
     first.use_runtime("onnx")
     cached = tmp_path / "cache" / "exports" / first.fingerprint / "model.onnx"
