@@ -51,7 +51,7 @@ VOLUME ["/data"]
 
 # Settings come from IMGSIM_* variables (see docker-compose.yml). Bound to 0.0.0.0, the service
 # is read-only unless IMGSIM_API_KEY (or IMGSIM_ALLOW_OPEN_WRITES) is set. The ONNX exports of
-# a bundle mounted read-only (or of the pretrained model) are kept in the volume, for the next start.
+# a bundle mounted read-only, or of the pretrained model, are kept in the volume for the next start.
 ARG BACKBONE=densenet121
 ENV IMGSIM_BACKBONE=${BACKBONE} \
     IMGSIM_BUNDLE_DIR=/opt/demo/bundle \
