@@ -81,6 +81,7 @@ def test_search_explain_and_browse(
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     page.goto(server)
     assert "resnet18" in page.inner_text("#model-title + .facts")
+    assert not page.is_visible("#result")  # no empty result panel before a search
     page.wait_for_selector("#gallery .tile img")
     assert page.locator("#gallery .tile").count() == 24  # the first page of 40 images
     page.click("#next")
