@@ -131,6 +131,8 @@ def serve(settings: Settings, host: str = "127.0.0.1", port: int = 8000) -> None
     # One uvicorn worker (process): a second would load a second copy of the model and run its
     # own forwards with its own `threads`, so two layers of parallelism would fight over the
     # cores; one process with one batching inference worker keeps the cores on one forward.
+    # Its HTTP parser and event loop are left to uvicorn ("auto"): httptools and uvloop, which
+    # imgsim depends on for the CPU they save per request (see README "Serving under load").
     uvicorn.run(create_app(settings, service), host=host, port=port, log_level="info")
 
 

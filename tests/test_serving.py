@@ -20,6 +20,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
+import uvicorn
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
@@ -226,6 +227,18 @@ def test_threads_default_to_the_cores_this_process_may_use(
     assert 1 <= Settings().threads == available_cpus() <= len(os.sched_getaffinity(0))
     monkeypatch.setenv("IMGSIM_THREADS", "1")
     assert Settings().threads == 1
+
+
+def test_uvicorn_serves_with_its_c_http_parser_and_event_loop() -> None:
+    """`imgsim serve` leaves uvicorn's HTTP parser and event loop on "auto", which is httptools
+    and uvloop only when they are installed; h11 and asyncio cost more CPU per request."""
+    import uvloop
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    config = uvicorn.Config(FastAPI())
+    config.load()
+    assert config.http_protocol_class is HttpToolsProtocol
+    assert config.get_loop_factory() is uvloop.new_event_loop
 
 
 def test_a_failed_forward_is_a_500_and_the_worker_serves_the_next_request(
