@@ -3,10 +3,10 @@ targets of issue 9.
 
 For each bundle and runtime, in this order (never two at once):
 - in-process, as the server runs it (`load_service`, its torch threads): offline batched img/s
-  of `bundle.encode` at batch 1, 4, 8 and 16 (the server's max_batch is the "offline batched"
-  figure); the batch-1 forward of the runtime (`bundle.forward` of a preprocessed stamp) beside
-  eager PyTorch's, in alternating blocks, so that both see the same machine (this VM's speed
-  drifts by a third within minutes); with a held-out split, top-1 and Recall@10 of the runtime;
+  of `bundle.encode` at batch 1, 4, 8 and 16; the batch-1 forward of the runtime
+  (`bundle.forward` of a preprocessed stamp) beside eager PyTorch's, in alternating blocks, so
+  that both see the same machine (this VM's speed drifts by a third within minutes); with a
+  held-out split, top-1 and Recall@10 of the runtime;
 - over HTTP, with real Tux Paint stamps as uploads: sequential /classify p50 in blocks
   alternating with blocks of the raw in-process batch-1 `forward` of a preprocessed stamp,
   `encode` of a decoded stamp (preprocessing included) and `encode` of the upload's bytes (the
@@ -15,7 +15,9 @@ For each bundle and runtime, in this order (never two at once):
   nothing of imgsim's); /similar p50 when the bundle has an index;
   then closed-loop load at 1, 4, 16 and 64 clients (one keep-alive connection each; a client
   answered 503 waits the Retry-After it was given, as a client should), with /health probed
-  every 100 ms from its own process during the 64-client run; server memory before and after;
+  every 100 ms from its own process during the 64-client run; the 16 clients in blocks
+  alternating with blocks of the in-process offline batched run at the server's max_batch (the
+  "offline batched" figure of the throughput target); server memory before and after;
 - CPU per image, of all threads: decoding and preprocessing an upload in-process, the offline
   batched run, and the server (from /proc) per sequential /classify and at 16 clients, so that
   the targets' shortfalls can be read against what a request costs beyond the forward; the
@@ -123,7 +125,7 @@ class Row:
     floor_p50: float = 0.0  # sequential /classify p50 of the HTTP floor (http_floor.py), too
     forward_ms: float = 0.0  # batch-1 forward of the runtime, preprocessed input
     torch_forward_ms: float = 0.0  # eager PyTorch's, measured alternating with forward_ms
-    offline: dict[int, float] = field(default_factory=dict)  # batch size -> img/s
+    offline: dict[int, float] = field(default_factory=dict)  # batch size -> img/s, in_process
     top1: float | None = None
     recall10: float | None = None
     classify_p50: float = 0.0
@@ -135,8 +137,8 @@ class Row:
     similar_p50: float | None = None
     # CPU ms (all threads) per image or request: an upload's decode and its preprocessing
     # in-process (means over the stamps), the server per sequential /classify (and its event
-    # loop's share), the server per answered request at 16 clients, in-process per image of the
-    # offline batched run.
+    # loop's share), the server per answered request at 16 clients (in-process per image of the
+    # offline batched run: beside_load).
     decode_cpu_ms: float = 0.0
     preprocess_cpu_ms: float = 0.0
     sequential_cpu_ms: tuple[float, float] = (0.0, 0.0)  # (all threads, event loop)
@@ -144,27 +146,29 @@ class Row:
     floor_sequential_cpu_ms: float = 0.0  # the HTTP floor (all threads) per sequential request
     floor_loaded_cpu_ms: float = 0.0  # the HTTP floor per answered request at 16 clients
     floor_rps: float = 0.0  # the HTTP floor's requests/s at 16 clients
-    offline_cpu_ms: dict[int, float] = field(default_factory=dict)  # batch size -> ms per image
+    # The offline batched run at the server's max_batch, in blocks alternating with the blocks of
+    # the 16-client load (`loaded_beside_offline`): img/s and CPU ms per image.
+    beside_load: tuple[float, float] = (0.0, 0.0)
     load: dict[int, dict[str, float]] = field(default_factory=dict)  # clients -> figures
     health_p99: float = 0.0
     memory_mb: tuple[float, float] = (0.0, 0.0)
 
     @property
     def offline_batched(self) -> float:
-        """Offline img/s at the server's max_batch (the nearest measured batch size below it)."""
-        return self.offline[self.offline_batch]
+        """Offline img/s at the server's max_batch, measured beside the 16-client load."""
+        return self.beside_load[0]
 
     @property
     def offline_batch(self) -> int:
-        """The batch size of offline_batched."""
-        return max(b for b in self.offline if b <= max(self.max_batch, 1))
+        """The batch size of offline_batched: the server's max_batch, or the nearest measured
+        batch size below it."""
+        return max(b for b in BATCHES if b <= max(self.max_batch, 1))
 
     @property
     def request_cpu_ms(self) -> float:
         """The least CPU ms a served image takes: its share of the offline batched run
         (preprocessing and forward), its decode, and the HTTP floor's request at 16 clients."""
-        offline = self.offline_cpu_ms[self.offline_batch]
-        return offline + self.decode_cpu_ms + self.floor_loaded_cpu_ms
+        return self.beside_load[1] + self.decode_cpu_ms + self.floor_loaded_cpu_ms
 
     @property
     def attainable_rps(self) -> float:
@@ -188,10 +192,9 @@ def in_process(row: Row, service: Service, images: list[Image.Image], d: Duratio
     for batch in BATCHES:
         chosen = [images[i % len(images)] for i in range(d.offline_images)]
         encode(chosen[:batch], batch_size=batch)  # warm-up at this shape
-        started, cpu = time.perf_counter(), time.process_time()
+        started = time.perf_counter()
         encode(chosen, batch_size=batch)
         row.offline[batch] = len(chosen) / (time.perf_counter() - started)
-        row.offline_cpu_ms[batch] = 1000 * (time.process_time() - cpu) / len(chosen)
     settings = service.settings
     eager = Bundle.load(settings.bundle_dir, "cpu") if row.runtime != "torch" else service.bundle
     pixels = [service.bundle.preprocess(image)[None] for image in images]
@@ -445,11 +448,36 @@ print(json.dumps(times))
 """
 
 
-async def load(base: str, files: list[Upload], clients: int, seconds: float) -> dict[str, float]:
-    """Closed-loop clients posting /classify for `seconds`; /health probed every 100 ms from
-    another process."""
-    latencies: list[float] = []
-    statuses: list[int] = []
+@dataclass
+class Posted:
+    """What closed-loop clients got: latencies of the answered (200) requests, every status,
+    and the seconds they posted for."""
+
+    latencies: list[float] = field(default_factory=list)
+    statuses: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def __add__(self, other: Posted) -> Posted:
+        return Posted(
+            self.latencies + other.latencies,
+            self.statuses + other.statuses,
+            self.seconds + other.seconds,
+        )
+
+    def figures(self) -> dict[str, float]:
+        return {
+            "rps": len(self.latencies) / self.seconds,
+            "answered": len(self.latencies),
+            "p50": percentile(self.latencies, 0.5),
+            "p99": percentile(self.latencies, 0.99),
+            "rejected": self.statuses.count(503) / max(1, len(self.statuses)),
+            "errors": sum(s not in (200, 503) for s in self.statuses),
+        }
+
+
+async def posting(base: str, files: list[Upload], clients: int, seconds: float) -> Posted:
+    """Closed-loop clients posting /classify for `seconds`."""
+    posted = Posted()
     end = time.perf_counter() + seconds
 
     async def user(number: int) -> None:
@@ -457,9 +485,9 @@ async def load(base: str, files: list[Upload], clients: int, seconds: float) -> 
         while time.perf_counter() < end:
             started = time.perf_counter()
             status, headers = await connection.post("/classify", files[i % len(files)])
-            statuses.append(status)
+            posted.statuses.append(status)
             if status == 200:
-                latencies.append(1000 * (time.perf_counter() - started))
+                posted.latencies.append(1000 * (time.perf_counter() - started))
             elif status == 503:
                 wait = float(headers.get("retry-after", 1))
                 await asyncio.sleep(wait)
@@ -468,6 +496,15 @@ async def load(base: str, files: list[Upload], clients: int, seconds: float) -> 
             i += clients
         await connection.close()
 
+    started = time.perf_counter()
+    await asyncio.gather(*(user(n) for n in range(clients)))
+    posted.seconds = time.perf_counter() - started
+    return posted
+
+
+async def load(base: str, files: list[Upload], clients: int, seconds: float) -> dict[str, float]:
+    """Closed-loop clients posting /classify for `seconds`; /health probed every 100 ms from
+    another process."""
     # /health is probed from its own process, as an orchestrator would: a probe on this event
     # loop would time the 64 clients' loop, not the server.
     prober = subprocess.Popen(
@@ -475,19 +512,9 @@ async def load(base: str, files: list[Upload], clients: int, seconds: float) -> 
         stdout=subprocess.PIPE,
         text=True,
     )
-    started = time.perf_counter()
-    await asyncio.gather(*(user(n) for n in range(clients)))
-    elapsed = time.perf_counter() - started
+    figures = (await posting(base, files, clients, seconds)).figures()
     health = json.loads(prober.communicate(timeout=60)[0])
-    return {
-        "rps": len(latencies) / elapsed,
-        "answered": len(latencies),
-        "p50": percentile(latencies, 0.5),
-        "p99": percentile(latencies, 0.99),
-        "rejected": statuses.count(503) / max(1, len(statuses)),
-        "errors": sum(s not in (200, 503) for s in statuses),
-        "health_p99": percentile(health, 0.99),
-    }
+    return figures | {"health_p99": percentile(health, 0.99)}
 
 
 def over_http(
@@ -508,9 +535,12 @@ def over_http(
             times = asyncio.run(sequential(imgsim.base, "/similar?k=10", files, d.sequential))
             row.similar_p50 = statistics.median(times)
         for clients in CLIENTS:
-            row.load[clients], cpu = loaded(imgsim, files, clients, d.load_s)
             if clients == 16:
-                row.loaded_cpu_ms = cpu
+                row.load[16], row.loaded_cpu_ms = loaded_beside_offline(
+                    row, imgsim, service, images, files, d
+                )
+            else:
+                row.load[clients], _ = loaded(imgsim, files, clients, d.load_s)
             print(f"  {row.bundle} {row.runtime} {clients} clients: {row.load[clients]}")
         row.health_p99 = row.load[64]["health_p99"]
         row.memory_mb = (before, rss_mb(server.pid))
@@ -529,6 +559,39 @@ def loaded(
     cpu = server_cpu(server.pid)[0]
     figures = asyncio.run(load(server.base, files, clients, seconds))
     return figures, 1000 * (server_cpu(server.pid)[0] - cpu) / max(1, figures["answered"])
+
+
+def loaded_beside_offline(
+    row: Row,
+    server: Served,
+    service: Service,
+    images: list[Image.Image],
+    files: list[Upload],
+    d: Durations,
+) -> tuple[dict[str, float], float]:
+    """The 16-client load figures and the server's CPU ms per answered request, from ROUNDS
+    blocks alternating with blocks of the offline batched run (in-process `encode` of decoded
+    stamps at the server's max_batch, as `in_process` runs it), whose img/s and CPU ms per
+    image go to row.beside_load. The throughput target divides one rate by the other, and this
+    VM's speed drifts by a third within minutes: measured minutes apart, the two saw different
+    machines (offline, OpenVINO fp32 efficientnet_lite0 once ran slower at batch 4 than at 1)."""
+    block_s, batch = d.load_s / ROUNDS, row.offline_batch
+    encode = partial(service.bundle.encode, batch_size=batch)
+    posted, count, offline_s, offline_cpu, server_s = Posted(), 0, 0.0, 0.0, 0.0
+    for _ in range(ROUNDS):
+        encode(images[:batch])  # warm-up after the server's block
+        started, cpu = time.perf_counter(), time.process_time()
+        while time.perf_counter() - started < block_s:
+            encode([images[(count + i) % len(images)] for i in range(batch)])
+            count += batch
+        offline_s += time.perf_counter() - started
+        offline_cpu += time.process_time() - cpu
+        server_s -= server_cpu(server.pid)[0]
+        posted += asyncio.run(posting(server.base, files, 16, block_s))
+        server_s += server_cpu(server.pid)[0]
+    row.beside_load = (count / offline_s, 1000 * offline_cpu / count)
+    figures = posted.figures()
+    return figures, 1000 * server_s / max(1, figures["answered"])
 
 
 def start_floor() -> tuple[subprocess.Popen, Served]:
@@ -586,9 +649,10 @@ def checks(rows: list[Row]) -> list[tuple[str, bool, str]]:
                 f"{name}: 16-client throughput >= {TARGETS['throughput']}x attainable",
                 share >= TARGETS["throughput"],
                 f"{rps:.1f} / {row.attainable_rps:.1f} req/s = {share:.2f}x; attainable: the "
-                f"offline batched {row.offline_batched:.1f} img/s, or {available_cpus()} cores / "
-                f"{row.request_cpu_ms:.2f} ms of CPU per image if fewer (served: "
-                f"{row.loaded_cpu_ms:.2f} ms of CPU per image)",
+                f"offline batched {row.offline_batched:.1f} img/s beside the load "
+                f"({row.offline[row.offline_batch]:.1f} before the server started), or "
+                f"{available_cpus()} cores / {row.request_cpu_ms:.2f} ms of CPU per image if "
+                f"fewer (served: {row.loaded_cpu_ms:.2f} ms of CPU per image)",
             )
         )
         found.append(
@@ -683,7 +747,11 @@ def report(rows: list[Row], args: argparse.Namespace, d: Durations) -> list[str]
         "decode, queue, forward, answer); each multipart body is prepared once, as wrk or hey "
         "send one. Clients answered 503 wait the Retry-After they were given. The server's "
         "means come from its /metrics over the same sequential requests: its forwards (in the "
-        "inference worker, hand-offs included) and its /classify (arrival to answer).",
+        "inference worker, hand-offs included) and its /classify (arrival to answer). The "
+        f"16 clients post in {ROUNDS} blocks alternating with blocks of the in-process "
+        "offline batched run at the server's max_batch: the throughput targets divide the one "
+        "rate by the other. The img/s by batch size of the in-process table were measured "
+        "once, before the server started.",
         "",
         "## In-process",
         "",
@@ -733,8 +801,9 @@ def report(rows: list[Row], args: argparse.Namespace, d: Durations) -> list[str]
         "CPU ms of every thread of the process, per image. In-process, as a decoding thread of "
         "the server runs them (means over the stamps): decoding an upload, preprocessing it "
         "(resize, crop, normalise); offline batched, per image of `encode` of decoded stamps at "
-        "the server's max_batch. The server (its /proc stat): per sequential /classify, and the "
-        "share of its event loop (HTTP, multipart, answer); per answered request at 16 clients. "
+        "the server's max_batch, in the blocks beside the 16-client load. The server (its "
+        "/proc stat): per sequential /classify, and the share of its event loop (HTTP, "
+        "multipart, answer); per answered request at 16 clients. "
         "The HTTP floor (its /proc stat) per request, sequential and at 16 clients, and its "
         "requests/s at 16 clients.",
         "",
@@ -747,7 +816,7 @@ def report(rows: list[Row], args: argparse.Namespace, d: Durations) -> list[str]
         every, loop = row.sequential_cpu_ms
         lines.append(
             f"| {row.bundle} | {row.runtime} | {row.max_batch} | {row.decode_cpu_ms:.2f} | "
-            f"{row.preprocess_cpu_ms:.2f} | {row.offline_cpu_ms[row.offline_batch]:.2f} | "
+            f"{row.preprocess_cpu_ms:.2f} | {row.beside_load[1]:.2f} | "
             f"{every:.2f} ({loop:.2f}) | {row.loaded_cpu_ms:.2f} | "
             f"{row.floor_sequential_cpu_ms:.2f} / {row.floor_loaded_cpu_ms:.2f} | "
             f"{row.floor_rps:.0f} |"
