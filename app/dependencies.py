@@ -54,13 +54,18 @@ class Upload:
             )
 
 
-def read_upload(service: Service, file: UploadFile) -> Upload:
+def read_image(service: Service, file: UploadFile) -> tuple[bytes, Image.Image]:
     """Read one multipart file within the byte limit and decode it as every stage does."""
     limit = service.settings.max_upload_bytes
     data = file.file.read(limit + 1)
     if len(data) > limit:
         raise UploadTooLarge(f"the upload is larger than the limit of {limit:,} bytes")
-    image = service.bundle.decode(data, service.settings.max_pixels)
+    return data, service.bundle.decode(data, service.settings.max_pixels)
+
+
+def read_upload(service: Service, file: UploadFile) -> Upload:
+    """read_image, and the model's input made of the image."""
+    data, image = read_image(service, file)
     pixels = service.bundle.preprocess(image)
     return Upload(data, hashlib.sha256(data).hexdigest(), image, pixels)
 
@@ -93,9 +98,10 @@ async def query_image(
 async def uploaded_image(
     service: ServiceDep, batcher: BatcherDep, file: Annotated[UploadFile, File()]
 ) -> Image.Image:
-    """The decoded image of the multipart field 'file' (admitted as a model request is)."""
-    upload = await batcher.prepared(lambda: read_upload(service, file))
-    return upload.image
+    """The decoded image of the multipart field 'file' (admitted as a model request is); its
+    caller makes the model's input of it (Grad-CAM, which needs the uncropped pixels too)."""
+    _, image = await batcher.prepared(lambda: read_image(service, file))
+    return image
 
 
 async def uploaded_files(
