@@ -88,10 +88,10 @@ class Settings(BaseSettings):
     # `threads` threads at once.
     # Measured on 2 cores (serve_load.py --unbatched): served with 16 clients, max_batch 4 gave
     # 4-25 % more req/s than max_batch 1 in every bundle and runtime on an AVX2 EPYC, 10-68 % on
-    # a Xeon with AMX, and on an AVX512-BF16 EPYC (all six runtimes) 7-93 %, 13-75 % and, in the
-    # last run (benchmarks/serve_load.md), 13-58 %; one run there had efficientnet_lite0 under
-    # onnx run even (-1 %), and +9 to +66 % elsewhere. Waiting for a batch only adds latency, so
-    # the worker takes what is queued (wait 0).
+    # a Xeon with AMX, and in four runs on an AVX512-BF16 EPYC (all six runtimes) 7-93 %,
+    # 13-75 %, 9-66 % (but for efficientnet_lite0 under onnx, even at -1 %) and, in the last
+    # (benchmarks/serve_load.md), 13-58 %. Waiting for a batch only adds latency, so the worker
+    # takes what is queued (wait 0).
     threads: int = Field(
         default_factory=available_cpus,
         gt=0,
