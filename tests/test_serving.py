@@ -327,3 +327,27 @@ def test_an_upload_still_being_decoded_when_the_service_stops_is_refused() -> No
         assert batcher.depth == 0
 
     asyncio.run(scenario())
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads Linux's /proc")
+def test_the_worker_and_decoding_threads_are_named_in_the_os() -> None:
+    """`top -H` and /proc/PID/task/*/comm tell an operator which thread is busy: the inference
+    worker and the decoding threads, not one "python" each."""
+
+    def forward(pixels: torch.Tensor) -> Encoded:
+        rows = np.ones((len(pixels), 2), np.float32)
+        return Encoded(rows, rows)
+
+    def os_names() -> set[str]:
+        return {(task / "comm").read_text().strip() for task in Path("/proc/self/task").iterdir()}
+
+    async def scenario() -> set[str]:
+        batcher = Batcher(forward, max_batch=4, max_wait_ms=1, queue_size=4)
+        batcher.start()
+        try:
+            await batcher.encode_prepared(lambda: [torch.zeros(3, 8, 8)])
+            return os_names()
+        finally:
+            await batcher.stop()
+
+    assert {"imgsim-inferenc", "imgsim-decoding"} <= asyncio.run(scenario())
