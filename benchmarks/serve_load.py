@@ -21,7 +21,9 @@ For each bundle and runtime, in this order (never two at once):
 - CPU per image, of all threads: decoding and preprocessing an upload in-process, the offline
   batched run, and the server (from /proc) per sequential /classify and at 16 clients, so that
   the targets' shortfalls can be read against what a request costs beyond the forward; the
-  HTTP floor's CPU per request, sequential and at 16 clients.
+  HTTP floor's CPU per request, sequential and at 16 clients; where the server's cores go at
+  16 clients: its event loop, decoding threads, inference worker and the engine's own threads
+  (told apart by their OS thread names), and the machine's idle share.
 The clients run on the server's cores, so they are lean, as wrk's are: each upload's multipart
 body is encoded once, before timing, and posted over a plain asyncio connection (`Connection`).
 Then the targets are checked and printed PASS/FAIL, and benchmarks/serve_load.md is written.
@@ -149,6 +151,10 @@ class Row:
     # The offline batched run at the server's max_batch, in blocks alternating with the blocks of
     # the 16-client load (`loaded_beside_offline`): img/s and CPU ms per image.
     beside_load: tuple[float, float] = (0.0, 0.0)
+    # At 16 clients: the server's CPU ms per answered request by thread (THREAD_GROUPS), and the
+    # share of the machine's core time left idle.
+    loaded_threads_ms: tuple[float, ...] = (0.0,) * 4
+    loaded_idle: float = 0.0
     load: dict[int, dict[str, float]] = field(default_factory=dict)  # clients -> figures
     health_p99: float = 0.0
     memory_mb: tuple[float, float] = (0.0, 0.0)
@@ -268,6 +274,41 @@ def server_cpu(pid: int) -> np.ndarray:
         fields = stat.read_text().rsplit(")", 1)[1].split()
         seconds.append((int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"))
     return np.array(seconds)
+
+
+THREAD_GROUPS = ("event loop", "decoding threads", "inference worker", "engine's threads")
+
+
+def thread_cpu(pid: int) -> np.ndarray:
+    """CPU seconds the process's live threads have used so far, in THREAD_GROUPS order: its main
+    thread (uvicorn's event loop), its decoding threads and inference worker (by the OS names
+    app.batching gives them), and every other thread: the engine's own (OpenVINO's and ONNX
+    Runtime's pools, torch's OpenMP team) and uvicorn's few helpers."""
+    seconds = np.zeros(len(THREAD_GROUPS))
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except (FileNotFoundError, ProcessLookupError):  # the thread ended meanwhile
+            continue
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat.rsplit(")", 1)[1].split()
+        if task.name == str(pid):
+            group = 0
+        elif name.startswith("imgsim-decoding"):
+            group = 1
+        elif name.startswith("imgsim-inferenc"):  # 15 bytes of a name at most
+            group = 2
+        else:
+            group = 3
+        seconds[group] += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return seconds
+
+
+def machine_idle() -> np.ndarray:
+    """Idle (and I/O wait) and total time of all the machine's cores so far (/proc/stat)."""
+    first = Path("/proc/stat").read_text().split("\n", 1)[0]
+    ticks = [int(value) for value in first.split()[1:]]
+    return np.array([ticks[3] + ticks[4], sum(ticks)])
 
 
 def rss_mb(pid: int) -> float:
@@ -578,6 +619,7 @@ def loaded_beside_offline(
     block_s, batch = d.load_s / ROUNDS, row.offline_batch
     encode = partial(service.bundle.encode, batch_size=batch)
     posted, count, offline_s, offline_cpu, server_s = Posted(), 0, 0.0, 0.0, 0.0
+    threads_s, idle = np.zeros(len(THREAD_GROUPS)), np.zeros(2)
     for _ in range(ROUNDS):
         encode(images[:batch])  # warm-up after the server's block
         started, cpu = time.perf_counter(), time.process_time()
@@ -587,11 +629,18 @@ def loaded_beside_offline(
         offline_s += time.perf_counter() - started
         offline_cpu += time.process_time() - cpu
         server_s -= server_cpu(server.pid)[0]
+        threads_s -= thread_cpu(server.pid)
+        idle -= machine_idle()
         posted += asyncio.run(posting(server.base, files, 16, block_s))
+        idle += machine_idle()
+        threads_s += thread_cpu(server.pid)
         server_s += server_cpu(server.pid)[0]
     row.beside_load = (count / offline_s, 1000 * offline_cpu / count)
     figures = posted.figures()
-    return figures, 1000 * server_s / max(1, figures["answered"])
+    answered = max(1, figures["answered"])
+    row.loaded_threads_ms = tuple(1000 * threads_s / answered)
+    row.loaded_idle = idle[0] / idle[1]
+    return figures, 1000 * server_s / answered
 
 
 def start_floor() -> tuple[subprocess.Popen, Served]:
@@ -820,6 +869,36 @@ def report(rows: list[Row], args: argparse.Namespace, d: Durations) -> list[str]
             f"{every:.2f} ({loop:.2f}) | {row.loaded_cpu_ms:.2f} | "
             f"{row.floor_sequential_cpu_ms:.2f} / {row.floor_loaded_cpu_ms:.2f} | "
             f"{row.floor_rps:.0f} |"
+        )
+    lines += [
+        "",
+        "## Where the server's cores go at 16 clients",
+        "",
+        "CPU ms per answered request of the server's threads in the 16-client blocks (their "
+        "/proc stat, told apart by the OS names the server gives them): the event loop (HTTP, "
+        "multipart, routing, the answer), the decoding threads (decode and preprocessing), the "
+        "inference worker (stacking, the forward's own share, hand-offs) and every other "
+        "thread, nearly all the engine's intra-op threads. The forward costs the inference "
+        "worker and the engine's threads together: set against the offline batched CPU per "
+        "image less its preprocessing (which the server does in the decoding threads), the "
+        "difference is what the forward loses by sharing the cores with the requests. Cores "
+        "busy: the server's CPU seconds per second; idle: the share of the "
+        "machine's core time that nobody used (the load client takes a few per cent of a "
+        "core).",
+        "",
+        "| bundle | runtime | max_batch | req/s | "
+        + " | ".join(THREAD_GROUPS)
+        + " | forward: worker + engine / offline | server cores busy | machine idle % |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        loop, decoding, worker, engine = row.loaded_threads_ms
+        lines.append(
+            f"| {row.bundle} | {row.runtime} | {row.max_batch} | {row.load[16]['rps']:.1f} | "
+            f"{loop:.2f} | {decoding:.2f} | {worker:.2f} | {engine:.2f} | "
+            f"{worker + engine:.2f} / {row.beside_load[1] - row.preprocess_cpu_ms:.2f} | "
+            f"{sum(row.loaded_threads_ms) * row.load[16]['rps'] / 1000:.2f} | "
+            f"{_pct(row.loaded_idle)} |"
         )
     lines += ["", "## Targets (issue 9; latency and throughput against what a server must do)"]
     lines += ["", *_listed(checks(rows))]
