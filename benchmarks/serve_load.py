@@ -269,11 +269,14 @@ def _pick(paths: list[Path], limit: int) -> list[Path]:
 def server_cpu(pid: int) -> np.ndarray:
     """CPU seconds the process has used so far: all its threads, and its main thread (uvicorn's
     event loop)."""
-    seconds = []
-    for stat in (Path(f"/proc/{pid}/stat"), Path(f"/proc/{pid}/task/{pid}/stat")):
-        fields = stat.read_text().rsplit(")", 1)[1].split()
-        seconds.append((int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"))
-    return np.array(seconds)
+    stats = (Path(f"/proc/{pid}/stat"), Path(f"/proc/{pid}/task/{pid}/stat"))
+    return np.array([_cpu_seconds(stat.read_text()) for stat in stats])
+
+
+def _cpu_seconds(stat: str) -> float:
+    """User + system CPU seconds in the text of a /proc stat file."""
+    fields = stat.rsplit(")", 1)[1].split()  # after "(comm)", which may hold spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 THREAD_GROUPS = ("event loop", "decoding threads", "inference worker", "engine's threads")
@@ -291,7 +294,6 @@ def thread_cpu(pid: int) -> np.ndarray:
         except (FileNotFoundError, ProcessLookupError):  # the thread ended meanwhile
             continue
         name = stat[stat.index("(") + 1 : stat.rindex(")")]
-        fields = stat.rsplit(")", 1)[1].split()
         if task.name == str(pid):
             group = 0
         elif name.startswith("imgsim-decoding"):
@@ -300,7 +302,7 @@ def thread_cpu(pid: int) -> np.ndarray:
             group = 2
         else:
             group = 3
-        seconds[group] += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        seconds[group] += _cpu_seconds(stat)
     return seconds
 
 
