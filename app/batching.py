@@ -283,7 +283,8 @@ def _settle(answers: list[Answer]) -> None:
 def name_os_thread() -> None:
     """Give this thread its Python name in the OS too (its first 15 bytes, Linux only), so that
     `top -H`, `ps -L` and /proc/PID/task/*/comm tell the inference worker and the decoding
-    threads apart from the engine's own threads (Python 3.11 names none of them)."""
+    threads from the event loop (Python 3.11 names none of them). Threads this one starts
+    later, such as the engine's intra-op threads, inherit the name."""
     if sys.platform != "linux":
         return
     name = threading.current_thread().name.encode()[:15]

@@ -22,8 +22,8 @@ For each bundle and runtime, in this order (never two at once):
   batched run, and the server (from /proc) per sequential /classify and at 16 clients, so that
   the targets' shortfalls can be read against what a request costs beyond the forward; the
   HTTP floor's CPU per request, sequential and at 16 clients; where the server's cores go at
-  16 clients: its event loop, decoding threads, inference worker and the engine's own threads
-  (told apart by their OS thread names), and the machine's idle share.
+  16 clients: its event loop, its decoding threads (by their OS thread names) and the rest,
+  nearly all the forward's, and the machine's idle share.
 The clients run on the server's cores, so they are lean, as wrk's are: each upload's multipart
 body is encoded once, before timing, and posted over a plain asyncio connection (`Connection`).
 Then the targets are checked and printed PASS/FAIL, and benchmarks/serve_load.md is written.
@@ -153,7 +153,7 @@ class Row:
     beside_load: tuple[float, float] = (0.0, 0.0)
     # At 16 clients: the server's CPU ms per answered request by thread (THREAD_GROUPS), and the
     # share of the machine's core time left idle.
-    loaded_threads_ms: tuple[float, ...] = (0.0,) * 4
+    loaded_threads_ms: tuple[float, ...] = (0.0,) * 3
     loaded_idle: float = 0.0
     load: dict[int, dict[str, float]] = field(default_factory=dict)  # clients -> figures
     health_p99: float = 0.0
@@ -279,14 +279,16 @@ def _cpu_seconds(stat: str) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-THREAD_GROUPS = ("event loop", "decoding threads", "inference worker", "engine's threads")
+THREAD_GROUPS = ("event loop", "decoding threads", "forward")
 
 
 def thread_cpu(pid: int) -> np.ndarray:
     """CPU seconds the process's live threads have used so far, in THREAD_GROUPS order: its main
-    thread (uvicorn's event loop), its decoding threads and inference worker (by the OS names
-    app.batching gives them), and every other thread: the engine's own (OpenVINO's and ONNX
-    Runtime's pools, torch's OpenMP team) and uvicorn's few helpers."""
+    thread (uvicorn's event loop), its decoding threads (by the OS name app.batching gives
+    them), and every other thread, nearly all the forward's: the inference worker and the
+    engine's intra-op threads (OpenVINO's and ONNX Runtime's pools, torch's OpenMP team; those
+    the worker starts inherit its OS name, the others keep the process's), with uvicorn's few
+    helpers."""
     seconds = np.zeros(len(THREAD_GROUPS))
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
@@ -298,10 +300,8 @@ def thread_cpu(pid: int) -> np.ndarray:
             group = 0
         elif name.startswith("imgsim-decoding"):
             group = 1
-        elif name.startswith("imgsim-inferenc"):  # 15 bytes of a name at most
-            group = 2
         else:
-            group = 3
+            group = 2
         seconds[group] += _cpu_seconds(stat)
     return seconds
 
@@ -877,28 +877,28 @@ def report(rows: list[Row], args: argparse.Namespace, d: Durations) -> list[str]
         "## Where the server's cores go at 16 clients",
         "",
         "CPU ms per answered request of the server's threads in the 16-client blocks (their "
-        "/proc stat, told apart by the OS names the server gives them): the event loop (HTTP, "
-        "multipart, routing, the answer), the decoding threads (decode and preprocessing), the "
-        "inference worker (stacking, the forward's own share, hand-offs) and every other "
-        "thread, nearly all the engine's intra-op threads. The forward costs the inference "
-        "worker and the engine's threads together: set against the offline batched CPU per "
-        "image less its preprocessing (which the server does in the decoding threads), the "
-        "difference is what the forward loses by sharing the cores with the requests. Cores "
+        "/proc stat): the event loop (HTTP, multipart, routing, the answer), the decoding "
+        "threads (reading, decoding and preprocessing the upload; told apart by the OS name the "
+        "server gives them) and every other thread, nearly all the forward's (the inference "
+        "worker: stacking, the forward, hand-offs; the engine's intra-op threads). Offline: "
+        "the offline batched CPU per image beside the load less the in-process preprocessing, "
+        "which the server does in the decoding threads; the difference from the forward is "
+        "what the forward loses by sharing the cores with the requests. Cores "
         "busy: the server's CPU seconds per second; idle: the share of the "
         "machine's core time that nobody used (the load client takes a few per cent of a "
         "core).",
         "",
         "| bundle | runtime | max_batch | req/s | "
         + " | ".join(THREAD_GROUPS)
-        + " | forward: worker + engine / offline | server cores busy | machine idle % |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        + " | offline forward | server cores busy | machine idle % |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
-        loop, decoding, worker, engine = row.loaded_threads_ms
+        loop, decoding, forward = row.loaded_threads_ms
         lines.append(
             f"| {row.bundle} | {row.runtime} | {row.max_batch} | {row.load[16]['rps']:.1f} | "
-            f"{loop:.2f} | {decoding:.2f} | {worker:.2f} | {engine:.2f} | "
-            f"{worker + engine:.2f} / {row.beside_load[1] - row.preprocess_cpu_ms:.2f} | "
+            f"{loop:.2f} | {decoding:.2f} | {forward:.2f} | "
+            f"{row.beside_load[1] - row.preprocess_cpu_ms:.2f} | "
             f"{sum(row.loaded_threads_ms) * row.load[16]['rps'] / 1000:.2f} | "
             f"{_pct(row.loaded_idle)} |"
         )
