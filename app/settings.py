@@ -88,8 +88,8 @@ class Settings(BaseSettings):
     # `threads` threads at once.
     # Measured on 2 cores (serve_load.py --unbatched): served with 16 clients, max_batch 4 gave
     # 4-25 % more req/s than max_batch 1 in every bundle and runtime on an AVX2 EPYC; on a Xeon
-    # with AMX 10-68 % and, in the last run (all six runtimes, benchmarks/serve_load.md),
-    # 11-99 %; in four runs on an AVX512-BF16 EPYC (all six runtimes) 7-93 %, 13-75 %, 9-66 %
+    # with AMX 10-68 %, 11-99 % and, in the last run (all six runtimes, benchmarks/serve_load.md),
+    # 13-87 %; in four runs on an AVX512-BF16 EPYC (all six runtimes) 7-93 %, 13-75 %, 9-66 %
     # (but for efficientnet_lite0 under onnx, even at -1 %) and 13-58 %. Waiting for a batch
     # only adds latency, so the worker takes what is queued (wait 0).
     threads: int = Field(
