@@ -883,10 +883,9 @@ def report(rows: list[Row], args: argparse.Namespace, d: Durations) -> list[str]
         "worker: stacking, the forward, hand-offs; the engine's intra-op threads). Offline: "
         "the offline batched CPU per image beside the load less the in-process preprocessing, "
         "which the server does in the decoding threads; the difference from the forward is "
-        "what the forward loses by sharing the cores with the requests. Cores "
-        "busy: the server's CPU seconds per second; idle: the share of the "
-        "machine's core time that nobody used (the load client takes a few per cent of a "
-        "core).",
+        "what the forward loses by sharing the cores with the requests. Cores busy: the "
+        "server's CPU seconds per second; idle: the share of the machine's core time that "
+        "nobody used (the load client takes a few per cent of a core).",
         "",
         "| bundle | runtime | max_batch | req/s | "
         + " | ".join(THREAD_GROUPS)
