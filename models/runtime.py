@@ -160,7 +160,7 @@ class OpenVinoRuntime:
         # The request reads the batch where it lies (share_inputs) instead of copying it into
         # its own input tensor first, in the inference worker's thread between forwards: served
         # efficientnet_lite0 under openvino-int8, 16 clients, +3.6-5.2 % req/s at max_batch 4
-        # (3 interleaved A/B rounds), more at max_batch 1. The outputs are copied out.
+        # (3 interleaved A/B rounds). The outputs are copied out.
         outputs = request.infer({"images": array}, share_inputs=True)
         return outputs["embedding"], outputs["logits"]
 
