@@ -19,6 +19,7 @@ from models.errors import ImgsimError
 from models.layout import BundleLayout
 from models.memory import retain_freed_memory
 from models.runtime import RUNTIMES
+from models.workers import preload_in_workers
 
 log = logging.getLogger("imgsim")
 INIT_FROM_HELP = (
@@ -55,8 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the imgsim console script."""
     args = build_parser().parse_args(argv)
     retain_freed_memory()  # every command runs forwards: train, index, eval, serve
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader logs every import
+    preload_in_workers("app.cli")  # each decoding worker runs the imgsim script's imports again
+    _configure_logging(args.verbose)
     try:
         args.run(args)
     except (ImgsimError, IndexProblem, ValueError, ValidationError, FileExistsError) as err:
@@ -65,6 +66,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def _configure_logging(verbose: bool) -> None:
+    """imgsim's progress at INFO; libraries' chatter (libvips' messages on how it shrinks each
+    image, faiss' imports) only with --verbose, their warnings always."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for library in ("pyvips", "faiss"):
+        logging.getLogger(library).setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
 def _message(err: Exception) -> str:
@@ -86,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (help, description, arguments, run) in COMMANDS.items():
         command = commands.add_parser(name, help=help, description=description)
         arguments(command)
+        command.add_argument(
+            "--verbose", action="store_true", help="also show the libraries' messages"
+        )
         command.set_defaults(run=run)
     return parser
 

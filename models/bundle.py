@@ -16,7 +16,6 @@ from PIL import Image
 from pydantic import Field, TypeAdapter, ValidationError, field_validator, model_validator
 from pydantic.dataclasses import dataclass as checked_dataclass
 from safetensors.torch import load_file, save_file
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from models.backbones import (
@@ -43,6 +42,7 @@ from models.network import (
     build_net,
 )
 from models.runtime import Runtime, TorchRuntime, open_runtime
+from models.workers import loader
 
 log = logging.getLogger(__name__)
 
@@ -252,13 +252,10 @@ class Bundle:
         many = [inputs] if isinstance(inputs, Input) else list(inputs)
         pre = self.config.preprocessing
         dataset = Readable(ImageDataset(many, pre, self._transform), pre.crop_size)
-        loader = DataLoader(
-            dataset,
-            batch_size=batch_size,
-            num_workers=workers,
-            pin_memory=self.device.startswith("cuda"),
+        batched = loader(
+            dataset, workers, batch_size=batch_size, pin_memory=self.device.startswith("cuda")
         )
-        for x, _, why in tqdm(loader, desc="encoding", unit="batch", disable=workers == 0):
+        for x, _, why in tqdm(batched, desc="encoding", unit="batch", disable=workers == 0):
             if any(why) and not skip_unreadable:
                 raise UnsupportedImage(next(reason for reason in why if reason))
             yield x, list(why)

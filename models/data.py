@@ -7,7 +7,7 @@ import random
 import stat
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -152,9 +152,12 @@ def check_images(
         return None
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        reasons = list(
-            tqdm(pool.map(reason, paths), total=len(paths), desc="checking images", leave=False)
-        )
+        futures = [pool.submit(reason, path) for path in paths]
+        # Counted as each check ends, not in order: one huge scan does not hold the count.
+        done = as_completed(futures)
+        for _ in tqdm(done, total=len(paths), desc="checking images", unit="image"):
+            pass
+    reasons = [future.result() for future in futures]
     good = [path for path, why in zip(paths, reasons, strict=True) if why is None]
     bad = [(path, why) for path, why in zip(paths, reasons, strict=True) if why is not None]
     if bad:

@@ -195,7 +195,7 @@ class Trainer:
         """Pooled trunk features (N, F) and labels of every rank's training images."""
         self.net.eval()
         chunks, labels = [], []
-        for x, y in tqdm(self.probe_loader, desc="probe features", unit="batch", leave=False,
+        for x, y in tqdm(self.probe_loader, desc="probe features", unit="batch",
                          disable=not self.cluster.main):  # fmt: skip
             x, y = self._to_device(x, y)
             with torch.autocast("cuda", dtype=torch.float16, enabled=self.amp):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DistributedSampler
 
 from models.backbones import Preprocessing, preprocessing_for
 from models.bundle import Bundle, BundleConfig
@@ -26,6 +26,7 @@ from models.data import ImageDataset, Sample, eval_transform, load_splits, train
 from models.layout import BundleLayout
 from models.network import EmbeddingNet, build_net
 from models.trainer import Loaders, Trainer
+from models.workers import loader
 
 log = logging.getLogger(__name__)
 Hook = Callable[[int], None] | None  # called with the epoch number after its checkpoint
@@ -155,7 +156,6 @@ def _loaders(
     cache folder, each image is decoded once and its resized pixels reused every epoch."""
     common = {
         "batch_size": config.batch_size,
-        "num_workers": config.workers,
         "pin_memory": cluster.device.startswith("cuda"),
         # Fresh workers each epoch: their seeds then come from the per-epoch seeded generator,
         # so a resumed run augments exactly as an uninterrupted one.
@@ -170,8 +170,9 @@ def _loaders(
             train_data, cluster.world, cluster.rank, shuffle=True, seed=config.seed, drop_last=True
         )
     per_rank = len(train_set) // cluster.world
-    train_loader = DataLoader(
+    train_loader = loader(
         train_data,
+        config.workers,
         shuffle=sampler is None,
         sampler=sampler,
         drop_last=per_rank > config.batch_size,  # no batch of one for BatchNorm
@@ -183,9 +184,9 @@ def _loaders(
     probe_data = copy.copy(train_data)
     probe_data.transform = eval_transform(pre)
     shard = list(range(cluster.rank, len(train_set), cluster.world))
-    probe_loader = DataLoader(torch.utils.data.Subset(probe_data, shard), **common)
+    probe_loader = loader(torch.utils.data.Subset(probe_data, shard), config.workers, **common)
     val_shard = val_set[cluster.rank :: cluster.world]
     val_cache = cache / "val" if cache else None
     val_data = ImageDataset.of_samples(val_shard, pre, eval_transform(pre), val_cache)
-    val_loader = DataLoader(val_data, **common) if val_set else None
+    val_loader = loader(val_data, config.workers, **common) if val_set else None
     return Loaders(train_loader, val_loader, probe_loader)
