@@ -25,6 +25,7 @@ import re
 import shutil
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -65,12 +66,14 @@ def drawing_of(path: Path) -> str:
     return f"{path.parent.name}/{stem or path.stem.lower()}"
 
 
-def copy_split(stamps: Path, work: Path, test_share: float, seed: int) -> tuple[Path, Path]:
+def copy_split(
+    stamps: Path, work: Path, test_share: float, seed: int, classes: Sequence[str] = CLASSES
+) -> tuple[Path, Path]:
     """Copy each class's images into work/train/<class> and work/test/<class>, by drawing."""
     rng = random.Random(seed)
     train_dir, test_dir = work / "train", work / "test"
     shutil.rmtree(work, ignore_errors=True)
-    for name in CLASSES:
+    for name in classes:
         groups: dict[str, list[Path]] = defaultdict(list)
         for path in find_images(stamps / name):
             groups[drawing_of(path)].append(path)

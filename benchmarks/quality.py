@@ -1,0 +1,153 @@
+"""Quality benchmark: every Tux Paint stamp category with at least MIN_IMAGES stamps, split by
+drawing, over several seeds: the benchmark the training defaults are chosen on.
+
+Each seed draws its own split (30 % of each category's drawings held out as test; a stamp's
+variants stay together) and trains with that seed; the validation split comes from the
+training part only. Rows:
+- frozen: the ImageNet model's GAP embedding indexes the training images (R@1, MAP@R, kNN);
+- probe: the linear probe of LP-FT alone (classifier top-1), no fine-tuning epoch;
+- every other row: a fine-tune with the product defaults plus the row's TrainConfig overrides.
+Figures are on the held-out drawings against an index of the training drawings, as the mean and
+standard deviation over the seeds. Each (row, seed) result is kept in benchmarks/quality.json,
+so a later run adds rows or seeds without training the others again (--again to redo them).
+
+    python -m benchmarks.quality [--rows NAME ...] [--seeds 0 1 2] [--work DIR] [--again]
+
+Writes benchmarks/quality.md from every result in benchmarks/quality.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from app.stages import evaluate_folder, index_folder
+from benchmarks.machine import cpu_model
+from benchmarks.transfer import STAMPS, copy_split
+from models.bundle import Bundle
+from models.data import find_images
+from models.layout import BundleLayout
+from models.training import TrainConfig, train
+from models.workers import preload_in_workers
+
+HERE = Path(__file__).parent
+RESULTS = HERE / "quality.json"
+MIN_IMAGES = 15
+TEST_SHARE = 0.3
+BACKBONE = "efficientnet_lite0"
+# name: (kind, TrainConfig overrides); "frozen" and "probe" rows take only the fit override.
+ROWS: dict[str, tuple[str, dict]] = {
+    "frozen": ("frozen", {}),
+    "probe": ("probe", {}),
+    "defaults": ("fine-tune", {}),
+}
+METRICS = ("top1", "recall@1", "map@r", "knn_top1")
+
+
+def categories(stamps: Path) -> list[str]:
+    """The stamp categories with at least MIN_IMAGES images."""
+    folders = sorted(p for p in stamps.iterdir() if p.is_dir())
+    return [p.name for p in folders if len(find_images(p)) >= MIN_IMAGES]
+
+
+def run_row(name: str, seed: int, data: Path, test: Path, work: Path) -> dict:
+    """Train (or not) and evaluate one row on one seed's split: its metrics and timing."""
+    kind, overrides = ROWS[name]
+    out = work / f"{name.replace(' ', '_')}-{seed}"
+    started = time.perf_counter()
+    if kind == "frozen":
+        Bundle.pretrained(BACKBONE, "imagenet", "cpu").save(out)
+    else:
+        config = replace(TrainConfig(backbone=BACKBONE, device="cpu", seed=seed), **overrides)
+        train(data, out, replace(config, epochs=0) if kind == "probe" else config)
+    train_s = time.perf_counter() - started
+    bundle = Bundle.load(out, "cpu")
+    index_folder(data, bundle, BundleLayout(out).index)
+    report = evaluate_folder(test, out, device="cpu")
+    retrieval = report["retrieval"]
+    return {
+        "top1": None if kind == "frozen" else report["top1"],
+        "recall@1": retrieval["recall@1"],
+        "map@r": retrieval["map@r"],
+        # Over every folder: for the frozen ImageNet model no folder is one of its classes.
+        "knn_top1": report["knn_top1_all_folders"],
+        "train_s": train_s,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--stamps", type=Path, default=STAMPS)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/imgsim-quality"))
+    parser.add_argument("--rows", nargs="*", choices=ROWS, default=list(ROWS))
+    parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
+    parser.add_argument("--again", action="store_true", help="redo results already kept")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pyvips").setLevel(logging.WARNING)
+    preload_in_workers("app.stages", "models.training")  # what this module imports, as the CLI
+    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    classes = categories(args.stamps)
+    for seed in args.seeds:
+        todo = [r for r in args.rows if args.again or f"{seed}" not in results.get(r, {})]
+        if not todo:
+            continue
+        data, test = copy_split(args.stamps, args.work / f"data-{seed}", TEST_SHARE, seed, classes)
+        for name in todo:
+            results.setdefault(name, {})[f"{seed}"] = run_row(name, seed, data, test, args.work)
+            RESULTS.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+    write_table(results, classes, args.stamps)
+
+
+def _cell(values: list[float | None]) -> str:
+    """Mean ± standard deviation, in per cent."""
+    kept = [100 * v for v in values if v is not None]
+    if not kept:
+        return "-"
+    spread = statistics.stdev(kept) if len(kept) > 1 else 0.0
+    return f"{statistics.mean(kept):.1f} ± {spread:.1f}"
+
+
+def write_table(results: dict, classes: list[str], stamps: Path) -> None:
+    """benchmarks/quality.md from every kept result."""
+    counts = {name: len(find_images(stamps / name)) for name in classes}
+    defaults = TrainConfig()
+    lines = [
+        "# Quality benchmark (all Tux Paint categories, split by drawing)",
+        "",
+        "`python -m benchmarks.quality [--rows NAME ...]` (results kept in `quality.json`)",
+        "",
+        f"- {len(classes)} classes, {sum(counts.values())} stamps: "
+        + ", ".join(f"{name} {count}" for name, count in counts.items())
+        + f". Per seed, {100 * TEST_SHARE:.0f} % of each class's drawings are held out as test"
+        f" (a stamp's variants stay together); {100 * defaults.val_fraction:.0f} % of the rest"
+        " is the validation split.",
+        f"- {BACKBONE}, ImageNet weights; product defaults unless the row says otherwise "
+        f"({defaults.epochs} epochs, LP-FT). Figures: mean ± standard deviation over the seeds "
+        "(n), in per cent, on the held-out drawings against an index of the training drawings. "
+        "top-1: the classifier; kNN top-1: a similarity-weighted 5-NN vote.",
+        f"- CPU only, {os.cpu_count()} cores, {cpu_model()}.",
+        "",
+        "| row | overrides | n | top-1 | R@1 | MAP@R | kNN top-1 | train s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, (_, overrides) in ROWS.items():
+        runs = list(results.get(name, {}).values())
+        if not runs:
+            continue
+        shown = ", ".join(f"{k}={v}" for k, v in overrides.items()) or "-"
+        cells = [_cell([run[m] for run in runs]) for m in METRICS]
+        train_s = statistics.mean(run["train_s"] for run in runs)
+        lines.append(f"| {name} | {shown} | {len(runs)} | {' | '.join(cells)} | {train_s:.0f} |")
+    (HERE / "quality.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
