@@ -12,7 +12,7 @@ from models.config import TrainConfig
 COMMON = ("backbone", "weights", "device", "seed")
 TRAINING = (
     "epochs", "warmup_epochs", "batch_size", "lr", "backbone_lr_factor", "weight_decay",
-    "embed_dim", "head", "temperature", "val_fraction", "workers", "image_size",
+    "embed_dim", "head", "temperature", "val_fraction", "workers", "image_size", "fit",
     "target_precision", "augment", "probe", "probe_steps", "probe_lr", "freeze_bn",
     "cache_decoded", "amp",
 )  # fmt: skip

@@ -41,11 +41,16 @@ RESULTS = HERE / "quality.json"
 MIN_IMAGES = 15
 TEST_SHARE = 0.3
 BACKBONE = "efficientnet_lite0"
-# name: (kind, TrainConfig overrides); "frozen" and "probe" rows take only the fit override.
+# name: (kind, TrainConfig overrides); a "frozen" row takes only the fit override.
 ROWS: dict[str, tuple[str, dict]] = {
     "frozen": ("frozen", {}),
     "probe": ("probe", {}),
     "defaults": ("fine-tune", {}),
+    "frozen, letterbox": ("frozen", {"fit": "letterbox"}),
+    "probe, letterbox": ("probe", {"fit": "letterbox"}),
+    "letterbox": ("fine-tune", {"fit": "letterbox"}),
+    "frozen, resize": ("frozen", {"fit": "resize"}),
+    "resize": ("fine-tune", {"fit": "resize"}),
 }
 METRICS = ("top1", "recall@1", "map@r", "knn_top1")
 
@@ -59,10 +64,13 @@ def categories(stamps: Path) -> list[str]:
 def run_row(name: str, seed: int, data: Path, test: Path, work: Path) -> dict:
     """Train (or not) and evaluate one row on one seed's split: its metrics and timing."""
     kind, overrides = ROWS[name]
-    out = work / f"{name.replace(' ', '_')}-{seed}"
+    out = work / f"{name.replace(' ', '_').replace(',', '')}-{seed}"
     started = time.perf_counter()
     if kind == "frozen":
-        Bundle.pretrained(BACKBONE, "imagenet", "cpu").save(out)
+        bundle = Bundle.pretrained(BACKBONE, "imagenet", "cpu")
+        pre = replace(bundle.config.preprocessing, fit=overrides.get("fit", "crop"))
+        bundle.config = replace(bundle.config, preprocessing=pre)
+        bundle.save(out)
     else:
         config = replace(TrainConfig(backbone=BACKBONE, device="cpu", seed=seed), **overrides)
         train(data, out, replace(config, epochs=0) if kind == "probe" else config)

@@ -33,6 +33,8 @@ DEFAULT_BACKBONE = "densenet121"
 INSTALLED_BACKBONE = "efficientnet_lite0"  # ImageNet weights come with the install: works offline
 
 
+FITS = ("crop", "letterbox", "resize")  # Preprocessing.fit
+
 # What a bundle's config.json may hold: checked when built and when loaded (models/bundle.py).
 STRICT = ConfigDict(extra="forbid")  # an unknown key is an error, not ignored
 Size = Annotated[int, Field(gt=0, strict=True)]
@@ -49,6 +51,17 @@ class Preprocessing:
     mean: tuple[Finite, Finite, Finite]
     std: tuple[PositiveFinite, PositiveFinite, PositiveFinite]
     interpolation: str
+    # How the image is fitted to the square the network sees: a centre crop of the short side
+    # (the weights' own recipe), the whole image letterboxed on its background, or the whole
+    # image stretched. A bundle saved before this field existed crops.
+    fit: str = "crop"
+
+    @field_validator("fit")
+    @classmethod
+    def _known_fit(cls, value: str) -> str:
+        if value not in FITS:
+            raise ValueError(f"unknown fit {value!r}; choose one of: {', '.join(FITS)}")
+        return value
 
     @field_validator("interpolation")
     @classmethod

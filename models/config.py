@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from models.backbones import BACKBONES, DEFAULT_BACKBONE, INSTALLED_BACKBONE
+from models.backbones import BACKBONES, DEFAULT_BACKBONE, FITS, INSTALLED_BACKBONE
 from models.devices import DEVICES
 from models.network import DEFAULT_TEMPERATURE, HEADS
 
@@ -71,6 +71,13 @@ class TrainConfig:
     amp: bool = knob(True, "train in full precision on CUDA (no AMP)", flag="--no-amp")
     image_size: int | None = knob(
         None, "train and serve at this crop size (default: the weights' own, e.g. 224)", "positive"
+    )
+    fit: str = knob(
+        "crop",
+        "how an image is fitted to the network's square, in training and wherever the bundle "
+        "embeds: crop (short side, centre square), letterbox (whole, on its background) or "
+        "resize (whole, stretched)",
+        choices=FITS,
     )
     init_from: str | None = None  # a bundle whose trunk (and projection) to start from
     target_precision: float = knob(

@@ -217,13 +217,37 @@ def decode(source: Path | bytes, pre: Preprocessing, max_pixels: int = DEFAULT_M
 
 
 def resized(image: Image, pre: Preprocessing) -> torch.Tensor:
-    """The deterministic part of preprocessing: short side to resize_size, centre square.
-    uint8 (3, S, S); what the training cache keeps."""
+    """The deterministic part of preprocessing, what the training cache keeps: a uint8
+    (3, R, R) square, R = resize_size, whose centre crop_size square is what the network sees.
+
+    crop: short side to R, the centre square (the rest is cut off). letterbox and resize: the
+    whole image inside the centre crop_size square (aspect kept, or stretched to fill it), on
+    its background colour, so that neither the eval crop nor training's random crops lose its
+    ends more than they lose the background."""
     tensor = v2.functional.pil_to_tensor(image)
-    tensor = v2.functional.resize(
-        tensor, [pre.resize_size], interpolation=_interpolation(pre), antialias=True
-    )
-    return v2.functional.center_crop(tensor, [pre.resize_size])
+    if pre.fit == "crop":
+        tensor = v2.functional.resize(
+            tensor, [pre.resize_size], interpolation=_interpolation(pre), antialias=True
+        )
+        return v2.functional.center_crop(tensor, [pre.resize_size])
+    height, width = tensor.shape[-2:]
+    scale = pre.crop_size / max(height, width)
+    size = [pre.crop_size, pre.crop_size]
+    if pre.fit == "letterbox":
+        size = [max(1, round(height * scale)), max(1, round(width * scale))]
+    inner = v2.functional.resize(tensor, size, interpolation=_interpolation(pre), antialias=True)
+    canvas = background_of(tensor).expand(3, pre.resize_size, pre.resize_size).clone()
+    top, left = (pre.resize_size - size[0]) // 2, (pre.resize_size - size[1]) // 2
+    canvas[:, top : top + size[0], left : left + size[1]] = inner
+    return canvas
+
+
+def background_of(pixels: torch.Tensor) -> torch.Tensor:
+    """An image's background colour: the per-channel median of its outermost pixels (3, 1, 1)."""
+    frame = torch.cat(
+        [pixels[:, 0], pixels[:, -1], pixels[:, :, 0], pixels[:, :, -1]], dim=1
+    )  # (3, 2H + 2W)
+    return frame.median(dim=1).values.view(3, 1, 1)
 
 
 def _interpolation(pre: Preprocessing) -> InterpolationMode:

@@ -106,8 +106,10 @@ def _train(
 
 
 def _preprocessing(config: TrainConfig, source: Bundle | None) -> Preprocessing:
-    """The weights' preprocessing (or the source bundle's), at config.image_size if given."""
+    """The weights' preprocessing (or the source bundle's) with config.fit, at
+    config.image_size if given."""
     pre = source.config.preprocessing if source is not None else preprocessing_for(config.backbone)
+    pre = replace(pre, fit=config.fit)
     if config.image_size is None:
         return pre
     resize = round(config.image_size * pre.resize_size / pre.crop_size)

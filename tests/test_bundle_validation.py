@@ -67,6 +67,7 @@ def _set(*path: str, value: object) -> Edit:
         (_set("preprocessing", "std", value=[0.2, 0.0, 0.2]), "preprocessing.std.1: Input should"),
         (_set("preprocessing", "mean", value=[0.5, "x", 0.5]), "preprocessing.mean.1"),
         (_set("preprocessing", "interpolation", value="fuzzy"), "unknown interpolation 'fuzzy'"),
+        (_set("preprocessing", "fit", value="zoom"), "unknown fit 'zoom'; choose one of: crop"),
         (_set("threshold", value="abc"), "threshold: Input should be a valid number"),
         (_set("threshold", value=1.5), "threshold: Input should be less than or equal to 1"),
         (_set("temperature", value=float("nan")), "temperature: Input should be a finite number"),
@@ -94,6 +95,15 @@ def test_a_bad_config_is_refused_naming_the_field(
 def test_the_good_bundle_loads(good_bundle: Path) -> None:
     bundle = Bundle.load(good_bundle, "cpu")
     assert bundle.config.threshold == 0.5 and bundle.config.classes == ["cat", "dog"]
+
+
+def test_a_bundle_saved_before_fit_existed_crops(
+    bad_bundle: Callable[[Edit], Path], good_bundle: Path
+) -> None:
+    """An old config.json has no preprocessing.fit: it keeps its centre crop and embeddings."""
+    old = bad_bundle(lambda config: config["preprocessing"].pop("fit"))
+    assert Bundle.load(old, "cpu").config.preprocessing.fit == "crop"
+    assert Bundle.load(old, "cpu").fingerprint == Bundle.load(good_bundle, "cpu").fingerprint
 
 
 @pytest.mark.parametrize(

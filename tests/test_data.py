@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -10,14 +11,16 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from models.backbones import Preprocessing
+from models.backbones import Preprocessing, preprocessing_for
 from models.data import (
+    background_of,
     check_images,
     eval_transform,
     find_images,
     label_of,
     list_class_folders,
     load_splits,
+    resized,
     split_samples,
 )
 from models.errors import DatasetError
@@ -157,3 +160,35 @@ def test_eval_transform_is_torchvisions_centre_crop_and_normalise(
     ours = eval_transform(pre)(pixels)
     assert ours.dtype == torch.float32 and ours.shape == (3, crop, crop)
     torch.testing.assert_close(ours, torchvisions(pixels), rtol=0, atol=1e-5)
+
+
+def _long_drawing() -> Image.Image:
+    """A 6:1 strip on a light grey background, a black mark at each end."""
+    image = Image.new("RGB", (600, 100), (230, 230, 230))
+    for left in (0, 580):
+        image.paste((0, 0, 0), (left, 30, left + 20, 70))
+    return image
+
+
+@pytest.mark.parametrize(
+    ("fit", "ends_seen"), [("crop", False), ("letterbox", True), ("resize", True)]
+)
+def test_the_fit_decides_whether_a_long_drawing_keeps_its_ends(fit: str, ends_seen: bool) -> None:
+    """What the network sees (the centre crop of the resized square) holds both black ends
+    unless the image is centre-cropped; the margin is the drawing's own background."""
+    pre = replace(preprocessing_for("efficientnet_lite0"), fit=fit)
+    pixels = resized(_long_drawing(), pre)
+    assert pixels.shape == (3, pre.resize_size, pre.resize_size) and pixels.dtype == torch.uint8
+    seen = v2.functional.center_crop(pixels, [pre.crop_size])[0]
+    dark_columns = (seen < 60).any(dim=0).nonzero().flatten()
+    halves = (dark_columns < pre.crop_size // 2).any(), (dark_columns >= pre.crop_size // 2).any()
+    assert all(halves) == ends_seen
+    if fit == "letterbox":
+        assert pixels[:, 0, 0].tolist() == [230, 230, 230]
+
+
+def test_the_background_is_the_colour_of_the_border() -> None:
+    pixels = torch.full((3, 20, 30), 200, dtype=torch.uint8)
+    pixels[:, 5:15, 5:25] = 0  # the drawing, away from the border
+    pixels[:, 0, :3] = 7  # a little of it touching the border
+    assert background_of(pixels).flatten().tolist() == [200, 200, 200]
