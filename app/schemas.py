@@ -81,6 +81,18 @@ class Health(BaseModel):
     index_size: int | None = Field(description="items in the index; null when none is loaded")
     image_size: int = Field(description="side of the square the model sees, in pixels")
     writes: str = Field(description="who may add and delete: 'key', 'open' or 'read-only'")
+    unknown_threshold: UnknownThreshold = Field(
+        description="below which top-1 score /classify answers 'unknown', and why"
+    )
+
+
+class UnknownThreshold(BaseModel):
+    """The bundle's "unknown" threshold as training chose it, and what it gave on validation."""
+
+    threshold: float | None = Field(description="null: /classify never answers 'unknown'")
+    rule: str | None = Field(description="how training chose it (null: not recorded)")
+    coverage: float | None = Field(description="share of val images answered at it")
+    precision: float | None = Field(description="precision of those answers")
 
 
 class Readiness(BaseModel):

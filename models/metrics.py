@@ -10,7 +10,9 @@ gallery items of each label. Pure numpy: no torch, faiss or scikit-learn at runt
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
 import numpy as np
@@ -201,6 +203,72 @@ def calibrate_threshold(
     if not reached.any():
         return None
     return float(sorted_confidences[np.flatnonzero(reached)[-1]])
+
+
+# The rule for a threshold that leaves the service useful: the lowest one that reaches the
+# target precision on the val split, if it still answers MIN_COVERAGE of the val images and the
+# split has MIN_CALIBRATION_IMAGES to say so; else the one that answers MIN_COVERAGE (or more,
+# if the target's does). benchmarks/quality.md shows coverage and precision on held-out images.
+MIN_COVERAGE = 0.8
+MIN_CALIBRATION_IMAGES = 50
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The "unknown" threshold training chose, by which rule, and what it gives on the val
+    split: the share of images answered and the precision of those answers."""
+
+    threshold: float | None
+    rule: str
+    coverage: float | None = None
+    precision: float | None = None
+    images: int = 0
+
+    def to_dict(self) -> dict:
+        """JSON-ready form, kept in the bundle and metrics.json."""
+        return asdict(self)
+
+    def describe(self) -> str:
+        """One line for the training log."""
+        if self.threshold is None:
+            return f"no 'unknown' threshold: {self.rule}"
+        return (
+            f"'unknown' below confidence {self.threshold:.4f} ({self.rule}): answers "
+            f"{100 * (self.coverage or 0):.0f}% of {self.images} val images at "
+            f"{100 * (self.precision or 0):.0f}% precision"
+        )
+
+
+def choose_threshold(
+    confidences: np.ndarray,
+    correct: np.ndarray,
+    target_precision: float = 0.95,
+    min_coverage: float = MIN_COVERAGE,
+    min_images: int = MIN_CALIBRATION_IMAGES,
+) -> Calibration:
+    """The threshold by the rule above, from the val split's confidences and correctness."""
+    confidences = np.asarray(confidences, dtype=np.float64)
+    correct = np.asarray(correct, dtype=bool)
+    count = len(confidences)
+    if count == 0:
+        return Calibration(None, "no validation images")
+    best = calibrate_threshold(confidences, correct, target_precision)
+    target = f"{100 * target_precision:g}% precision"
+    if best is not None and count >= min_images and np.mean(confidences >= best) >= min_coverage:
+        rule = f"the lowest that reaches {target}"
+        threshold = best
+    else:
+        floor = float(np.sort(confidences)[::-1][math.ceil(min_coverage * count) - 1])
+        threshold = floor if best is None else min(best, floor)
+        if count < min_images:
+            why = f"{count} val images are too few to calibrate {target}"
+        elif best is None:
+            why = f"no threshold reaches {target}"
+        else:
+            why = f"{target} only when answering {100 * np.mean(confidences >= best):.0f}%"
+        rule = f"{why}; chosen to answer at least {100 * min_coverage:.0f}%"
+    kept = confidences >= threshold
+    return Calibration(threshold, rule, float(kept.mean()), float(correct[kept].mean()), int(count))
 
 
 def _hits(neighbour_labels: np.ndarray, query_labels: np.ndarray) -> np.ndarray:

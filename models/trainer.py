@@ -22,7 +22,7 @@ from models.cluster import Cluster, seed_everything
 from models.config import TrainConfig
 from models.files import atomic_write
 from models.layout import BundleLayout
-from models.metrics import calibrate_threshold
+from models.metrics import Calibration, choose_threshold
 from models.network import EmbeddingNet
 
 log = logging.getLogger(__name__)
@@ -117,10 +117,8 @@ class Trainer:
         self.keep_if_best(epoch, val_loss, val_top1, val_predictions)
         if self.cluster.main:
             log.info("epoch %d/%d %s", epoch, self.config.epochs, _describe(record))
-            text = json.dumps(self.history, indent=2)
-            layout = BundleLayout(out_dir)
-            atomic_write(layout.metrics, lambda path, text=text: path.write_text(text))
-            self.save_checkpoint(layout.checkpoint)
+            self.write_metrics(out_dir)
+            self.save_checkpoint(BundleLayout(out_dir).checkpoint)
         if on_epoch_end is not None:
             on_epoch_end(epoch)
 
@@ -256,31 +254,27 @@ class Trainer:
             self.best_key, self.best_epoch, self.best_val = key, epoch, val_predictions
             self.best_state = copy.deepcopy({k: v.cpu() for k, v in self.net.state_dict().items()})
 
-    def calibrated_threshold(self) -> float | None:
-        """Lowest softmax confidence at which the best epoch's val answers reach the target
-        precision; None (never answer "unknown") without val images or when unreachable."""
+    def write_metrics(self, out_dir: Path) -> None:
+        """metrics.json: the history of epochs so far."""
+        text = json.dumps(self.history, indent=2)
+        atomic_write(BundleLayout(out_dir).metrics, lambda path: path.write_text(text))
+
+    def calibrated_threshold(self) -> Calibration:
+        """The "unknown" threshold from the best epoch's val answers (models.metrics'
+        choose_threshold: the target precision where it leaves the service useful)."""
         if self.best_val is None:
-            log.info("no validation split: no 'unknown' threshold is calibrated")
-            return None
-        confidences = self.best_val["confidences"].numpy()
-        correct = self.best_val["correct"].numpy()
-        threshold = calibrate_threshold(confidences, correct, self.config.target_precision)
-        if threshold is None:
-            log.warning(
-                "no confidence threshold reaches %.0f%% precision on the %d val images: the "
-                "bundle never answers 'unknown' unless a request sets a threshold",
-                100 * self.config.target_precision,
-                len(correct),
-            )
+            calibration = Calibration(None, "no validation split")
         else:
-            kept = confidences >= threshold
-            log.info(
-                "'unknown' below confidence %.4f: answers %.0f%% of val images at %.0f%% precision",
-                threshold,
-                100 * kept.mean(),
-                100 * correct[kept].mean(),
+            calibration = choose_threshold(
+                self.best_val["confidences"].numpy(),
+                self.best_val["correct"].numpy(),
+                self.config.target_precision,
             )
-        return threshold
+        log.info("%s", calibration.describe())
+        for record in self.history:  # shown beside the epoch whose answers it was chosen on
+            if record["epoch"] == self.best_epoch and self.best_val is not None:
+                record["unknown_threshold"] = calibration.to_dict()
+        return calibration
 
     def save_checkpoint(self, path: Path) -> None:
         """Everything needed to continue after this epoch, as tensors and plain containers

@@ -74,7 +74,7 @@ def _train(
     finally:
         if cache is not None:
             shutil.rmtree(cache, ignore_errors=True)
-    threshold = run.calibrated_threshold()
+    calibration = run.calibrated_threshold()
     bundle_config = BundleConfig(
         backbone=config.backbone,
         classes=classes,
@@ -83,7 +83,7 @@ def _train(
         head=config.head,
         temperature=config.temperature,
         weights=f"bundle {source.fingerprint}" if source is not None else str(config.weights),
-        threshold=threshold,
+        threshold=calibration.threshold,
         extra={
             "training": asdict(config),
             "data_dir": str(data_dir.resolve()),  # int8 calibration reads its training split
@@ -93,10 +93,12 @@ def _train(
             "val_images": len(val_set),
             "world_size": cluster.world,
             "threshold_target_precision": config.target_precision,
+            "unknown_threshold": calibration.to_dict(),
         },
     )
     bundle = Bundle(bundle_config, run.net, cluster.device)
     if cluster.main:
+        run.write_metrics(out_dir)  # with the calibration beside the best epoch
         bundle.save(out_dir)
         layout.checkpoint.unlink(missing_ok=True)
         log.info("saved bundle to %s (best epoch %s of %d)", out_dir, run.best_epoch, len(history))

@@ -46,10 +46,14 @@ def upload(data: bytes, name: str = "x.png") -> dict:
     return {"file": (name, data, "image/png")}
 
 
-def test_health(client: TestClient) -> None:
+def test_health(client: TestClient, indexed_bundle: Path) -> None:
     body = client.get("/health").json()
     assert body["status"] == "ok" and body["backbone"] == "resnet18"
     assert body["classes"] == 4 and body["index_size"] == 40 and body["device"] == "cpu"
+    # The threshold training chose, by which rule, and what it gave on the val split.
+    unknown = body["unknown_threshold"]
+    assert unknown["threshold"] == Bundle.load(indexed_bundle, "cpu").config.threshold
+    assert "val images" in unknown["rule"] and 0 < unknown["coverage"] <= 1
 
 
 def test_page_shows_what_is_loaded(client: TestClient) -> None:

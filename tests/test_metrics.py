@@ -158,3 +158,41 @@ def test_calibrate_threshold_hand_case() -> None:
     assert metrics.calibrate_threshold(confidences, correct, 0.6) == 0.5
     assert metrics.calibrate_threshold(confidences, ~np.ones(6, bool), 0.5) is None
     assert metrics.calibrate_threshold(np.array([]), np.array([], bool)) is None
+
+
+def _confident(count: int, errors_below: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """count val answers, confidences spread over (0.5, 1); wrong only below errors_below."""
+    confidences = np.random.default_rng(seed).uniform(0.5, 1.0, count)
+    correct = (confidences >= errors_below) | (np.arange(count) % 2 == 0)
+    return confidences, correct
+
+
+def test_the_threshold_keeps_the_target_where_it_answers_most_images() -> None:
+    confidences, correct = _confident(200, errors_below=0.55)  # target reached near 0.55
+    chosen = metrics.choose_threshold(confidences, correct, 0.95)
+    assert chosen.threshold == metrics.calibrate_threshold(confidences, correct, 0.95)
+    assert chosen.coverage >= metrics.MIN_COVERAGE and chosen.precision >= 0.95
+    assert chosen.rule.startswith("the lowest that reaches 95% precision")
+
+
+def test_a_target_that_answers_almost_nothing_gives_way_to_the_coverage_floor() -> None:
+    """The case of the issue: 95 % precision only at 0.99 confidence, answering 1 %."""
+    confidences, correct = _confident(300, errors_below=0.995)
+    assert np.mean(confidences >= metrics.calibrate_threshold(confidences, correct, 0.95)) < 0.05
+    chosen = metrics.choose_threshold(confidences, correct, 0.95)
+    assert metrics.MIN_COVERAGE <= chosen.coverage < metrics.MIN_COVERAGE + 0.01
+    assert chosen.precision == pytest.approx(np.mean(correct[confidences >= chosen.threshold]))
+    assert "only when answering" in chosen.rule and "answer at least 80%" in chosen.rule
+
+
+def test_a_small_split_answers_at_least_the_floor_and_more_when_it_is_right() -> None:
+    confidences, correct = _confident(20, errors_below=0.9)
+    chosen = metrics.choose_threshold(confidences, correct, 0.95)
+    assert chosen.coverage >= metrics.MIN_COVERAGE and "20 val images are too few" in chosen.rule
+    all_right = metrics.choose_threshold(confidences, np.ones(20, bool), 0.95)
+    assert all_right.coverage == 1.0  # the target's threshold answers more than the floor
+
+
+def test_no_val_images_no_threshold() -> None:
+    chosen = metrics.choose_threshold(np.array([]), np.array([], bool))
+    assert chosen.threshold is None and "no validation images" in chosen.describe()

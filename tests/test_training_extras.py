@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from models.bundle import Bundle, BundleConfig
 from models.data import load_splits
 from models.images import load_image
 from models.layout import BundleLayout
-from models.metrics import calibrate_threshold
+from models.metrics import MIN_COVERAGE, choose_threshold
 from models.network import build_net
 from models.samples import make_sample_dataset
 from models.training import TrainConfig, train
@@ -101,15 +102,17 @@ def test_threshold_is_calibrated_on_the_val_split(tmp_path: Path) -> None:
     loaded = Bundle.load(tmp_path / "b", "cpu")
     probabilities, _ = loaded.classify([load_image(s.path) for s in val])
     labels = np.array([s.label for s in val])
-    expected = calibrate_threshold(
+    expected = choose_threshold(
         probabilities.max(axis=1), probabilities.argmax(axis=1) == labels, TINY.target_precision
     )
-    if expected is None:
-        assert loaded.config.threshold is None
-    else:
-        assert loaded.config.threshold == pytest.approx(expected, abs=1e-5)
+    assert loaded.config.threshold == pytest.approx(expected.threshold, abs=1e-5)
     assert loaded.config.threshold == bundle.config.threshold
     assert loaded.config.extra["threshold_target_precision"] == TINY.target_precision
+    # The split is too small to calibrate a precision: it still answers most val images.
+    kept = loaded.config.extra["unknown_threshold"]
+    assert "too few" in kept["rule"] and kept["coverage"] >= MIN_COVERAGE
+    history = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert [r["unknown_threshold"] for r in history if "unknown_threshold" in r] == [kept]
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query
 from app.auth import write_policy
 from app.dependencies import QueryImageDep, ServiceDep
 from app.routes import ERRORS
-from app.schemas import ClassifyResponse, Health, Prediction
+from app.schemas import ClassifyResponse, Health, Prediction, UnknownThreshold
 from app.service import Service
 
 router = APIRouter()
@@ -25,6 +25,7 @@ async def health(service: ServiceDep) -> Health:
 def describe(service: Service) -> Health:
     """What is served, as /health answers it (the page shows the same record)."""
     bundle, gallery = service.bundle, service.gallery
+    calibration = bundle.config.extra.get("unknown_threshold", {})  # none before it was kept
     return Health(
         status="ok",
         backbone=bundle.config.backbone,
@@ -34,6 +35,12 @@ def describe(service: Service) -> Health:
         index_size=len(gallery) if gallery is not None else None,
         image_size=bundle.config.preprocessing.crop_size,
         writes=write_policy(service.settings),
+        unknown_threshold=UnknownThreshold(
+            threshold=bundle.config.threshold,
+            rule=calibration.get("rule"),
+            coverage=calibration.get("coverage"),
+            precision=calibration.get("precision"),
+        ),
     )
 
 
