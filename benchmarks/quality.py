@@ -52,7 +52,7 @@ ROWS: dict[str, tuple[str, dict]] = {
     "frozen, resize": ("frozen", {"fit": "resize"}),
     "resize": ("fine-tune", {"fit": "resize"}),
 }
-METRICS = ("top1", "recall@1", "map@r", "knn_top1")
+METRICS = ("top1", "recall@1", "map@r", "knn_top1", "answered", "precision")
 
 
 def categories(stamps: Path) -> list[str]:
@@ -85,6 +85,9 @@ def run_row(name: str, seed: int, data: Path, test: Path, work: Path) -> dict:
         "map@r": retrieval["map@r"],
         # Over every folder: for the frozen ImageNet model no folder is one of its classes.
         "knn_top1": report["knn_top1_all_folders"],
+        # At the bundle's "unknown" threshold: the share of test images answered, their precision.
+        "answered": None if kind == "frozen" else report["bundle_threshold"]["coverage"],
+        "precision": None if kind == "frozen" else report["bundle_threshold"]["precision"],
         "train_s": train_s,
     }
 
@@ -139,18 +142,21 @@ def write_table(results: dict, classes: list[str], stamps: Path) -> None:
         f"- {BACKBONE}, ImageNet weights; product defaults unless the row says otherwise "
         f"({defaults.epochs} epochs, LP-FT). Figures: mean ± standard deviation over the seeds "
         "(n), in per cent, on the held-out drawings against an index of the training drawings. "
-        "top-1: the classifier; kNN top-1: a similarity-weighted 5-NN vote.",
+        "top-1: the classifier; kNN top-1: a similarity-weighted 5-NN vote; answered and "
+        "precision: the share of test images the classifier answers at the bundle's 'unknown' "
+        "threshold, and the top-1 of those.",
         f"- CPU only, {os.cpu_count()} cores, {cpu_model()}.",
         "",
-        "| row | overrides | n | top-1 | R@1 | MAP@R | kNN top-1 | train s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| row | overrides | n | top-1 | R@1 | MAP@R | kNN top-1 | answered | precision "
+        "| train s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, (_, overrides) in ROWS.items():
         runs = list(results.get(name, {}).values())
         if not runs:
             continue
         shown = ", ".join(f"{k}={v}" for k, v in overrides.items()) or "-"
-        cells = [_cell([run[m] for run in runs]) for m in METRICS]
+        cells = [_cell([run.get(m) for run in runs]) for m in METRICS]
         train_s = statistics.mean(run["train_s"] for run in runs)
         lines.append(f"| {name} | {shown} | {len(runs)} | {' | '.join(cells)} | {train_s:.0f} |")
     (HERE / "quality.md").write_text("\n".join(lines) + "\n")
