@@ -165,6 +165,7 @@ def _index_arguments(parser: argparse.ArgumentParser) -> None:
         "more, the chosen kind is IVF-PQ, which stores compressed codes; kept with the "
         "collection (default: no limit)",
     )
+    parser.add_argument("--runtime", default="auto", choices=RUNTIMES, help=RUNTIME_HELP)
     _common(parser)
 
 
@@ -176,6 +177,7 @@ def _run_index(args: argparse.Namespace) -> None:
         bundle = Bundle.load(args.model, args.device)
     else:
         bundle = Bundle.pretrained(args.backbone, args.weights, args.device)
+    bundle.use_runtime(args.runtime)
     default = BundleLayout(args.model).index if args.model else Path(f"index-{args.backbone}")
     out = args.out or default
     gallery = index_folder(
@@ -205,10 +207,10 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
     add_options(parser, ("target_precision", "batch_size", "workers", "device"))
     parser.add_argument(
         "--runtime",
-        default="torch",
+        default="auto",
         choices=RUNTIMES,
-        help="the runtime whose answers to measure, e.g. onnx-int8 against the index built "
-        "with PyTorch (default: %(default)s)",
+        help="the runtime whose answers to measure, as for serve, e.g. onnx-int8 against an "
+        "index built with fp32 (default: %(default)s)",
     )
 
 

@@ -93,8 +93,15 @@ def test_train_then_index(
     )
     assert code == 0, err
     assert "indexed 40 images" in out
-    gallery = GalleryIndex.load(bundle_dir / "index", Bundle.load(bundle_dir, "cpu").fingerprint)
+    bundle = Bundle.load(bundle_dir, "cpu")
+    gallery = GalleryIndex.load(bundle_dir / "index", bundle.fingerprint)
     assert len(gallery) == 40 and gallery.dim == 16
+    # Indexed by the default runtime (auto: an exported fp32 model on the CPU), each image's
+    # PyTorch embedding finds its own file, as close as fp32 rounding leaves it.
+    assert list(bundle_dir.glob("model.*onnx")) or list(bundle_dir.glob("*.xml"))
+    paths = sorted(shapes_dir.rglob("*.png"))
+    for path, hits in zip(paths, gallery.search(bundle.embed(paths), 1), strict=True):
+        assert hits[0].path == str(path.resolve()) and hits[0].score > 1 - 1e-4
 
 
 @pytest.mark.slow
