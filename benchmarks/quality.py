@@ -51,6 +51,7 @@ ROWS: dict[str, tuple[str, dict]] = {
     "letterbox": ("fine-tune", {"fit": "letterbox"}),
     "frozen, resize": ("frozen", {"fit": "resize"}),
     "resize": ("fine-tune", {"fit": "resize"}),
+    "multi-similarity": ("fine-tune", {"metric_loss": "multi-similarity"}),
 }
 METRICS = ("top1", "recall@1", "map@r", "knn_top1", "answered", "precision")
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from models.backbones import BACKBONES, DEFAULT_BACKBONE, FITS, INSTALLED_BACKBONE
 from models.devices import DEVICES
+from models.losses import METRIC_LOSSES
 from models.network import DEFAULT_TEMPERATURE, HEADS
 
 BATCH_SIZE = 32
@@ -72,6 +73,12 @@ class TrainConfig:
     image_size: int | None = knob(
         None, "train and serve at this crop size (default: the weights' own, e.g. 224)", "positive"
     )
+    metric_loss: str = knob(
+        "none",
+        "a metric-learning loss on the embeddings, added to the classifier's cross-entropy",
+        choices=METRIC_LOSSES,
+    )
+    metric_weight: float = knob(1.0, "the metric-learning loss's weight beside cross-entropy")
     fit: str = knob(
         "crop",
         "how an image is fitted to the network's square, in training and wherever the bundle "

@@ -22,6 +22,7 @@ from models.cluster import Cluster, seed_everything
 from models.config import TrainConfig
 from models.files import atomic_write
 from models.layout import BundleLayout
+from models.losses import metric_loss
 from models.metrics import Calibration, choose_threshold
 from models.network import EmbeddingNet
 
@@ -68,6 +69,7 @@ class Trainer:
                 else 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm_steps) / total_finetune)))
             ),
         )
+        self.metric_loss = metric_loss(config.metric_loss)
         self.amp = config.amp and self.device.startswith("cuda")
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.history: list[dict] = []
@@ -159,6 +161,8 @@ class Trainer:
                 loss = F.cross_entropy(out.logits, y)
                 for aux in out.aux_logits:
                     loss = loss + self.config.aux_weight * F.cross_entropy(aux, y)
+                if self.metric_loss is not None:
+                    loss = loss + self.config.metric_weight * self.metric_loss(out.embedding, y)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
