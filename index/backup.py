@@ -16,6 +16,7 @@ import shutil
 import sqlite3
 from pathlib import Path
 
+from index.errors import disk_full_refused
 from index.folder import ITEMS_FILE, existing_store
 from index.snapshot import INFO_FILE, SnapshotUnusable, read_snapshot
 from index.uploads import IMAGES_DIR
@@ -32,6 +33,18 @@ def backup_collection(directory: Path, dest: Path) -> int:
     existing_store(directory).close()  # IndexMissing / IndexCorrupt: nothing to back up
     partial = dest.with_name(f".{dest.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
+    try:  # whatever stops it (a full disk), nothing of the copy is left to fill the disk
+        with disk_full_refused(f"the backup in {dest}"):
+            count = _copy_into(directory, partial)
+            os.rename(partial, dest)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return count
+
+
+def _copy_into(directory: Path, partial: Path) -> int:
+    """The images, the snapshot and a consistent copy of the database, into partial."""
     (partial / IMAGES_DIR).mkdir(parents=True)
     _copy_images(directory / IMAGES_DIR, partial / IMAGES_DIR)
     _copy_snapshot(directory, partial)
@@ -46,7 +59,6 @@ def backup_collection(directory: Path, dest: Path) -> int:
         source.close()
         target.close()
     _copy_images(directory / IMAGES_DIR, partial / IMAGES_DIR, {Path(p).name for p in paths})
-    os.rename(partial, dest)
     return count
 
 

@@ -40,17 +40,22 @@ class InsufficientStorage(IndexProblem):
     """The disk (or quota) is full: nothing of the write was kept."""
 
 
+def disk_is_full(err: BaseException) -> bool:
+    """Whether an error says the disk (or quota) is full: ENOSPC, EDQUOT, SQLite's SQLITE_FULL."""
+    return getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or (
+        getattr(err, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+    )
+
+
 @contextmanager
 def disk_full_refused(what: str) -> Iterator[None]:
-    """Turn a full disk (ENOSPC, EDQUOT, SQLite's SQLITE_FULL) into InsufficientStorage."""
+    """Turn a full disk into InsufficientStorage, naming what could not be stored."""
     try:
         yield
     except (OSError, sqlite3.OperationalError) as err:
-        full = getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or (
-            getattr(err, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
-        )
-        if not full:
+        if not disk_is_full(err):
             raise
         raise InsufficientStorage(
-            f"the server's disk is full: {what} could not be stored, and nothing of it was kept"
+            f"the disk is full: {what} could not be stored, and nothing of it was kept; "
+            "try again once space is freed"
         ) from err

@@ -12,6 +12,7 @@ builds a new collection's index once, as the kind for its size, from the embeddi
 from __future__ import annotations
 
 import logging
+import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,7 +22,13 @@ import numpy as np
 
 from index import duplicates, folder, recovery
 from index.duplicates import Added
-from index.errors import EmptyIndex, ItemNotFound, ModelMismatch, disk_full_refused
+from index.errors import (
+    EmptyIndex,
+    ItemNotFound,
+    ModelMismatch,
+    disk_full_refused,
+    disk_is_full,
+)
 from index.kinds import KindChoice
 from index.locks import ReadWriteLock
 from index.snapshot import Snapshots
@@ -204,7 +211,7 @@ class GalleryIndex:
 
     def delete(self, item_id: int) -> Item:
         """Remove an item (and its kept image when no other item shares it); returns it."""
-        with self._lock.write():
+        with self._lock.write(), disk_full_refused(f"the deletion of image {item_id}"):
             found = self.store.delete(item_id)
             if found is None:
                 raise ItemNotFound(f"there is no image with id {item_id}")
@@ -351,10 +358,23 @@ class GalleryIndex:
             }
 
     def close(self) -> None:
-        """Snapshot what changed and close the database; the object is unusable afterwards."""
+        """Snapshot what changed and close the database; the object is unusable afterwards.
+
+        On a full disk it still closes, saying what it could not write: every committed
+        change is in the database, and the next start replays what the snapshot lacks."""
         self._snapshots.wait()
         if self._applied_seq != self._snapshots.seq:
-            self.snapshot()
+            try:
+                self.snapshot()
+            except (OSError, sqlite3.OperationalError) as err:
+                if not disk_is_full(err):
+                    raise
+                log.error(
+                    "the disk is full: no snapshot of changes %d-%d was written; the next start "
+                    "replays them from the database",
+                    self._snapshots.seq + 1,
+                    self._applied_seq,
+                )
         self.store.close()
 
     def _checked(self, embeddings: np.ndarray) -> np.ndarray:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import sqlite3
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +22,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from index.errors import disk_is_full
 from index.store import ItemStore
 from models.files import atomic_write
 
@@ -36,15 +39,24 @@ class SnapshotUnusable(Exception):
 Capture = Callable[[], tuple[np.ndarray, dict[str, Any]]]  # index bytes, info with last_seq
 
 
+RETRY_AFTER_S = 30.0  # after a background snapshot failed on a full disk
+
+
 class Snapshots:
     """A collection's snapshots, one at a time: taken on demand, or in a background thread once
-    `every` changes have piled up since the last; none for a collection in memory."""
+    `every` changes have piled up since the last; none for a collection in memory.
+
+    A background snapshot that meets a full disk is tried again RETRY_AFTER_S later (the
+    changes stay in the database meanwhile); the episode logs one line when it starts and one
+    when a snapshot is written again."""
 
     def __init__(self, directory: Path | None, store: ItemStore, every: int):
         self.directory, self.store, self.every = directory, store, every
         self.seq = 0  # the last change the latest snapshot contains
         self._mutex = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._full_since: float | None = None  # when the current full-disk episode began
+        self._retry_at = 0.0
 
     def take(self, capture: Capture) -> None:
         """Write what `capture` returns, then drop the change log up to its last_seq."""
@@ -58,11 +70,35 @@ class Snapshots:
 
     def soon(self, last_change: int, capture: Capture) -> None:
         """Take one in the background if enough changes have piled up and none is running."""
-        due = last_change - self.seq >= self.every
+        due = last_change - self.seq >= self.every and time.monotonic() >= self._retry_at
         running = self._thread is not None and self._thread.is_alive()
         if due and not running and self.directory is not None:
-            self._thread = threading.Thread(target=self.take, args=(capture,), daemon=True)
+            self._thread = threading.Thread(target=self._background, args=(capture,), daemon=True)
             self._thread.start()
+
+    def _background(self, capture: Capture) -> None:
+        """take, where a full disk is an episode to log and retry, not a thread's death."""
+        try:
+            self.take(capture)
+        except (OSError, sqlite3.OperationalError) as err:
+            if not disk_is_full(err):
+                raise
+            self._retry_at = time.monotonic() + RETRY_AFTER_S
+            if self._full_since is None:
+                self._full_since = time.monotonic()
+                log.error(
+                    "the disk is full: no snapshot written after change %d (tried again every "
+                    "%.0f s; the changes are safe in the database)",
+                    self.seq,
+                    RETRY_AFTER_S,
+                )
+            return
+        if self._full_since is not None:
+            log.info(
+                "snapshots written again, after %.0f s of full disk",
+                time.monotonic() - self._full_since,
+            )
+            self._full_since = None
 
     def wait(self) -> None:
         """Wait for a background snapshot to finish."""

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from index.errors import DuplicateExternalId, IndexCorrupt
+from index.errors import DuplicateExternalId, IndexCorrupt, disk_is_full
 
 log = logging.getLogger(__name__)
 
@@ -128,13 +128,24 @@ class ItemStore:
             for connection in self._readers:
                 connection.close()
             self._readers.clear()
-            if self.path is not None:
-                busy, _, _ = self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-                if busy:  # another process is reading it: the WAL stays, and is still valid
-                    log.warning(
-                        "%s: the WAL could not be merged, another reader holds it", self.path
-                    )
-            self._writer.close()
+            try:
+                if self.path is not None:
+                    self._merge_wal()
+            finally:
+                self._writer.close()
+
+    def _merge_wal(self) -> None:
+        """Checkpoint the WAL into the database file; where it cannot be (a reader holds it,
+        the disk is full), the WAL stays beside it, valid, and is merged on the next open."""
+        try:
+            busy, _, _ = self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        except sqlite3.OperationalError as err:
+            if not disk_is_full(err):
+                raise
+            log.error("%s: the disk is full, the WAL stays unmerged (it is still valid)", self.path)
+            return
+        if busy:
+            log.warning("%s: the WAL could not be merged, another reader holds it", self.path)
 
     def set_meta(self, values: dict[str, str]) -> None:
         """Record facts about the collection (model fingerprint, embedding size)."""
