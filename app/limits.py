@@ -9,11 +9,13 @@ names the limit.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from app.settings import Settings
 
@@ -33,13 +35,15 @@ def form_limits(settings: Settings) -> dict[str, Any]:
 class BodyLimits:
     """ASGI middleware: a body declared (Content-Length) or streamed (chunked) over `max_bytes`
     gets 413 before, or as soon as, it passes the limit, so nothing beyond it is read or
-    spooled; a body whose next part takes longer than `timeout` seconds gets 408. Once the body
+    spooled; a body whose next part takes longer than `timeout` seconds, or that is not whole
+    `deadline` seconds after its first read (a byte every few seconds), gets 408. Once the body
     is complete, receive() is passed through untouched (a streaming answer waits on it)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int, timeout: float) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout: float, deadline: float) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.timeout = timeout
+        self.deadline = deadline
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -48,16 +52,23 @@ class BodyLimits:
         declared = Headers(scope=scope).get("content-length", "")
         received = int(declared) if declared.isdigit() else 0
         body_done = False
+        ends_at: float | None = None  # the deadline, from the first read
 
         async def receive_within_limits() -> Message:
-            nonlocal body_done, received
+            nonlocal body_done, received, ends_at
             if body_done:
                 return await receive()
             if received > self.max_bytes:
                 raise self.too_large()
+            now = time.monotonic()
+            ends_at = ends_at or now + self.deadline
             try:
-                message = await asyncio.wait_for(receive(), self.timeout)
+                message = await asyncio.wait_for(receive(), min(self.timeout, ends_at - now))
             except TimeoutError:
+                if time.monotonic() >= ends_at:
+                    raise HTTPException(
+                        408, f"the request body took longer than {self.deadline:g} s to arrive"
+                    ) from None
                 raise HTTPException(
                     408, f"the request body stalled: nothing arrived for {self.timeout:g} s"
                 ) from None
@@ -74,3 +85,44 @@ class BodyLimits:
         return HTTPException(
             413, f"the request body is larger than the limit of {self.max_bytes:,} bytes"
         )
+
+
+def headers_within(timeout: float) -> type[HttpToolsProtocol]:
+    """uvicorn's HTTP protocol (httptools), closing a connection whose request headers are not
+    complete `timeout` seconds after it opened or after the request's first byte: a client that
+    sends a header line every few seconds holds no socket for long (uvicorn itself waits)."""
+
+    class HeadersWithin(HttpToolsProtocol):
+        _headers_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._start_headers_timer()
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._start_headers_timer()
+
+        def on_headers_complete(self) -> None:
+            self._stop_headers_timer()
+            super().on_headers_complete()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._stop_headers_timer()
+            super().connection_lost(exc)
+
+        def _start_headers_timer(self) -> None:
+            if self._headers_timer is None:
+                self._headers_timer = self.loop.call_later(timeout, self._headers_too_slow)
+
+        def _stop_headers_timer(self) -> None:
+            if self._headers_timer is not None:
+                self._headers_timer.cancel()
+                self._headers_timer = None
+
+        def _headers_too_slow(self) -> None:
+            self._headers_timer = None
+            if not self.transport.is_closing():
+                self.transport.close()
+
+    return HeadersWithin

@@ -42,7 +42,10 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
         form_limits=form_limits(settings),
     )
     app.add_middleware(
-        BodyLimits, max_bytes=settings.max_request_bytes, timeout=settings.body_timeout
+        BodyLimits,
+        max_bytes=settings.max_request_bytes,
+        timeout=settings.body_timeout,
+        deadline=settings.body_deadline,
     )
     app.state.metrics = metrics = Metrics()
     app.add_middleware(RequestMetrics, metrics=metrics)

@@ -51,6 +51,12 @@ class Settings(BaseSettings):
     body_timeout: float = Field(
         30.0, gt=0, description="seconds a client may stall while sending a request body"
     )
+    body_deadline: float = Field(
+        120.0, gt=0, description="seconds a whole request body may take, however it trickles"
+    )
+    header_timeout: float = Field(
+        5.0, gt=0, description="seconds a connection may take to finish a request's headers"
+    )
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, gt=0)
     duplicate_threshold: float = Field(
         0.97, ge=-1.0, le=1.0, description="POST /images flags a stored image scoring this or more"

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import uvicorn
 
+from app.limits import headers_within
 from app.main import create_app
 from app.service import load_service
 from app.settings import Settings
@@ -131,9 +132,16 @@ def serve(settings: Settings, host: str = "127.0.0.1", port: int = 8000) -> None
     # One uvicorn worker (process): a second would load a second copy of the model and run its
     # own forwards with its own `threads`, so two layers of parallelism would fight over the
     # cores; one process with one batching inference worker keeps the cores on one forward.
-    # Its HTTP parser and event loop are left to uvicorn ("auto"): httptools and uvloop, which
-    # imgsim depends on for the CPU they save per request (see README "Serving under load").
-    uvicorn.run(create_app(settings, service), host=host, port=port, log_level="info")
+    # Its event loop is left to uvicorn ("auto": uvloop); httptools and uvloop are imgsim's
+    # dependencies for the CPU they save per request (see README "Serving under load").
+    # Its HTTP protocol is httptools' (a declared dependency), with a deadline on the headers.
+    uvicorn.run(
+        create_app(settings, service),
+        host=host,
+        port=port,
+        log_level="info",
+        http=headers_within(settings.header_timeout),
+    )
 
 
 def demo(workdir: Path, config: TrainConfig, host: str, port: int, serve_it: bool = True) -> Path:

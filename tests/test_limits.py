@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 
@@ -22,7 +23,13 @@ from tests.servers import free_port, start_server
 from tests.synthetic import noise_png
 
 LIMIT = 1_000_000
-SMALL_LIMITS = {"IMGSIM_MAX_REQUEST_BYTES": str(LIMIT), "IMGSIM_BODY_TIMEOUT": "1"}
+BODY_DEADLINE, HEADER_TIMEOUT = 3, 2
+SMALL_LIMITS = {
+    "IMGSIM_MAX_REQUEST_BYTES": str(LIMIT),
+    "IMGSIM_BODY_TIMEOUT": "1",
+    "IMGSIM_BODY_DEADLINE": str(BODY_DEADLINE),
+    "IMGSIM_HEADER_TIMEOUT": str(HEADER_TIMEOUT),
+}
 
 
 def empty_index(bundle_dir: Path, parent: Path) -> Path:
@@ -33,7 +40,8 @@ def empty_index(bundle_dir: Path, parent: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def server(trained_bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
-    """A real server with a 1 MB body limit and a 1 s body timeout; yields its port."""
+    """A real server with a 1 MB body limit, a 1 s body timeout, a 3 s body deadline and a 2 s
+    header timeout; yields its port."""
     port = free_port()
     index_dir = empty_index(trained_bundle_dir, tmp_path_factory.mktemp("limits"))
     process = start_server(trained_bundle_dir, index_dir, port, SMALL_LIMITS)
@@ -150,6 +158,55 @@ def test_stalled_body_times_out(server: int) -> None:
         status, body = read_answer(sock)
     assert status == 408 and "stalled" in body["detail"]
     assert time.perf_counter() - started < 5
+
+
+@pytest.mark.slow
+def test_a_body_that_drips_is_cut_off_at_the_deadline(server: int) -> None:
+    """A byte every 0.5 s never stalls for the 1 s timeout; the whole-body deadline ends it."""
+    with socket.create_connection(("127.0.0.1", server), timeout=10) as sock:
+        headers = {"Content-Type": MULTIPART, "Content-Length": "5000"}
+        sock.sendall(request_head("/classify", headers) + PART_HEAD)
+        started = time.perf_counter()
+        sock.setblocking(False)
+        answer = b""
+        while not answer and time.perf_counter() - started < 3 * BODY_DEADLINE:
+            sock.sendall(b"x")
+            time.sleep(0.5)
+            try:
+                answer = sock.recv(65536)
+            except BlockingIOError:
+                pass
+        elapsed = time.perf_counter() - started
+    assert answer.startswith(b"HTTP/1.1 408") and b"took longer than 3 s" in answer
+    assert BODY_DEADLINE <= elapsed < BODY_DEADLINE + 1.5
+
+
+@pytest.mark.slow
+def test_connections_that_never_finish_their_headers_are_closed(server: int) -> None:
+    """40 clients sending a header line a second: each is closed at the header timeout, and
+    /health answers in milliseconds meanwhile."""
+    socks = [socket.create_connection(("127.0.0.1", server), timeout=10) for _ in range(40)]
+    started = time.perf_counter()
+    for sock in socks:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+    health = []
+    closed: dict[int, float] = {}
+    while len(closed) < len(socks) and time.perf_counter() - started < 4 * HEADER_TIMEOUT:
+        for i, sock in enumerate(socks):
+            if i in closed:
+                continue
+            try:
+                sock.sendall(b"X-Drip: 1\r\n")
+            except OSError:  # reset or closed by the server
+                closed[i] = time.perf_counter() - started
+        asked = time.perf_counter()
+        assert httpx.get(f"http://127.0.0.1:{server}/health", timeout=5).status_code == 200
+        health.append(time.perf_counter() - asked)
+        time.sleep(1)
+    for sock in socks:
+        sock.close()
+    assert len(closed) == len(socks), f"{len(socks) - len(closed)} connections still open"
+    assert max(closed.values()) < HEADER_TIMEOUT + 2.5 and max(health) < 0.5
 
 
 @pytest.fixture(scope="module")
