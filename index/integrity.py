@@ -8,6 +8,7 @@ import sqlite3
 from pathlib import Path
 
 from index.errors import IndexCorrupt
+from index.store import CHECKED_COLUMNS, row_checksum
 
 log = logging.getLogger(__name__)
 
@@ -55,4 +56,23 @@ def _check(connection: sqlite3.Connection, path: Path, thorough: bool, fix: str)
     absent = [key for key in META_KEYS if key not in meta]
     if absent:
         raise IndexCorrupt(f"{path} does not record the index's {', '.join(absent)}. {fix}")
-    log.info("%s passed SQLite's %s", path, check)
+    damaged = damaged_rows(connection)
+    if damaged:
+        shown = ", ".join(map(str, damaged[:MAX_REPORTED])) + (" ..." if len(damaged) > 5 else "")
+        raise IndexCorrupt(
+            f"{path} has {len(damaged)} damaged row(s) (ids {shown}): what is stored no longer "
+            f"matches its checksum, so their paths, labels or embeddings cannot be trusted. {fix}"
+        )
+    log.info("%s passed SQLite's %s and every row's checksum", path, check)
+
+
+def damaged_rows(connection: sqlite3.Connection) -> list[int]:
+    """The ids of the rows whose checksum does not match what they hold (see row_checksum);
+    none in a file from before checksums, which the store gives them when it opens it."""
+    columns = {row[1] for row in connection.execute("PRAGMA table_info(items)")}
+    if "checksum" not in columns:
+        return []
+    rows = connection.execute(
+        f"SELECT {CHECKED_COLUMNS}, checksum FROM items WHERE checksum IS NOT NULL"
+    )
+    return [row[0] for row in rows if row_checksum(row[:-1]) != row[-1]]

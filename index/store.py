@@ -13,6 +13,7 @@ import logging
 import sqlite3
 import threading
 import time
+import zlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,7 +34,8 @@ CREATE TABLE IF NOT EXISTS items (
     label TEXT,
     sha256 TEXT,
     embedding BLOB NOT NULL,
-    added_at REAL NOT NULL
+    added_at REAL NOT NULL,
+    checksum INTEGER  -- row_checksum of the row; NULL only until an old file is migrated
 );
 CREATE INDEX IF NOT EXISTS items_sha256 ON items (sha256);
 CREATE INDEX IF NOT EXISTS items_label ON items (label);
@@ -68,6 +70,15 @@ class NewItem:
 
 
 ITEM_COLUMNS = "id, external_id, path, label, sha256, added_at"
+CHECKED_COLUMNS = f"{ITEM_COLUMNS}, embedding"  # what a row's checksum covers, in this order
+
+
+def row_checksum(row: Sequence) -> int:
+    """CRC-32 of a row's CHECKED_COLUMNS as SQLite returns them: finds a row whose bytes
+    changed on disk in ways SQLite's own checks do not see (a flipped bit in a value)."""
+    *fields, embedding = row
+    head = "\x1f".join(repr(value) for value in fields).encode()
+    return zlib.crc32(embedding, zlib.crc32(head))
 
 
 class ItemStore:
@@ -85,8 +96,23 @@ class ItemStore:
         try:
             self._writer = self._connect()
             self._writer.executescript(SCHEMA)
+            self._add_checksums()
         except sqlite3.DatabaseError as err:
             raise IndexCorrupt(f"the item database {path} cannot be read ({err})") from err
+
+    def _add_checksums(self) -> None:
+        """A file written before rows had checksums gets the column, and each row its sum."""
+        columns = {row[1] for row in self._writer.execute("PRAGMA table_info(items)")}
+        if "checksum" in columns:
+            return
+        with self._transaction() as db:
+            db.execute("ALTER TABLE items ADD COLUMN checksum INTEGER")
+            rows = db.execute(f"SELECT {CHECKED_COLUMNS} FROM items").fetchall()
+            db.executemany(
+                "UPDATE items SET checksum = ? WHERE id = ?",
+                [(row_checksum(row), row[0]) for row in rows],
+            )
+        log.info("%s: added a checksum to each of its %d rows", self.path, len(rows))
 
     def _connect(self) -> sqlite3.Connection:
         target = ":memory:" if self.path is None else str(self.path)
@@ -163,24 +189,22 @@ class ItemStore:
         ids = []
         with self._transaction() as db:
             for item, embedding in zip(items, embeddings, strict=True):
+                blob = np.ascontiguousarray(embedding, dtype=np.float32).tobytes()
+                fields = (item.external_id, item.path, item.label, item.sha256)
                 try:
                     cursor = db.execute(
-                        "INSERT INTO items (external_id, path, label, sha256, embedding, added_at)"
+                        "INSERT INTO items (external_id, path, label, sha256, added_at, embedding)"
                         " VALUES (?, ?, ?, ?, ?, ?)",
-                        (
-                            item.external_id,
-                            item.path,
-                            item.label,
-                            item.sha256,
-                            np.ascontiguousarray(embedding, dtype=np.float32).tobytes(),
-                            now,
-                        ),
+                        (*fields, now, blob),
                     )
                 except sqlite3.IntegrityError as err:
                     raise DuplicateExternalId(
                         f"another image already has the external id {item.external_id!r}"
                     ) from err
-                ids.append(int(cursor.lastrowid))
+                item_id = int(cursor.lastrowid)
+                checksum = row_checksum((item_id, *fields, now, blob))  # as SQLite returns it
+                db.execute("UPDATE items SET checksum = ? WHERE id = ?", (checksum, item_id))
+                ids.append(item_id)
             db.executemany(
                 "INSERT INTO changes (op, item_id) VALUES ('add', ?)", [(i,) for i in ids]
             )

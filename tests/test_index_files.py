@@ -180,3 +180,55 @@ def test_a_full_disk_during_add_keeps_nothing(
     gallery.add(vectors(2, 50), [_item(gallery, 50), _item(gallery, 51)], contents=[b"a", b"b"])
     assert len(gallery) == 7
     gallery.close()
+
+
+def _flip(path: Path, offset: int, bit: int = 0) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 1 << bit
+    path.write_bytes(bytes(data))
+
+
+def test_a_flipped_bit_in_a_stored_path_is_found_by_its_row(index_dir: Path) -> None:
+    """quick_check reads structure, not values: the row's checksum names the damaged row."""
+    database = index_dir / "items.sqlite"
+    gallery = GalleryIndex.load(index_dir, "model-a")
+    item = gallery.get(42)
+    gallery.close()
+    _flip(database, database.read_bytes().index(item.path.encode()) + len(item.path) - 5)
+    connection = sqlite3.connect(database)
+    assert connection.execute("PRAGMA quick_check").fetchone()[0] == "ok"
+    connection.close()
+    with pytest.raises(IndexCorrupt, match=r"1 damaged row\(s\) \(ids 42\).*--rebuild"):
+        GalleryIndex.load(index_dir, "model-a")
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_random_bit_flips_are_refused_or_harmless(index_dir: Path, seed: int) -> None:
+    """50 random bits flipped in the database: it is refused, or every row reads as before."""
+    database = index_dir / "items.sqlite"
+    clean = sqlite3.connect(database).execute("SELECT * FROM items ORDER BY id").fetchall()
+    rng = np.random.default_rng(seed)
+    for offset in rng.integers(0, database.stat().st_size, 50):
+        _flip(database, int(offset), int(rng.integers(0, 8)))
+    try:
+        GalleryIndex.load(index_dir, "model-a").close()
+    except IndexCorrupt:
+        return
+    assert sqlite3.connect(database).execute("SELECT * FROM items ORDER BY id").fetchall() == clean
+
+
+def test_a_file_from_before_checksums_gets_them_and_is_checked(index_dir: Path) -> None:
+    database = index_dir / "items.sqlite"
+    connection = sqlite3.connect(database)
+    connection.execute("ALTER TABLE items DROP COLUMN checksum")
+    connection.commit()
+    connection.close()
+    GalleryIndex.load(index_dir, "model-a").close()  # migrated: every row summed
+    connection = sqlite3.connect(database)
+    unsummed = connection.execute("SELECT COUNT(*) FROM items WHERE checksum IS NULL").fetchone()
+    assert unsummed == (0,)
+    connection.execute("UPDATE items SET label = 'm' WHERE id = 7")  # behind imgsim's back
+    connection.commit()
+    connection.close()
+    with pytest.raises(IndexCorrupt, match=r"ids 7\)"):
+        GalleryIndex.load(index_dir, "model-a")
