@@ -132,9 +132,9 @@ def serve(settings: Settings, host: str = "127.0.0.1", port: int = 8000) -> None
     # One uvicorn worker (process): a second would load a second copy of the model and run its
     # own forwards with its own `threads`, so two layers of parallelism would fight over the
     # cores; one process with one batching inference worker keeps the cores on one forward.
-    # Its event loop is left to uvicorn ("auto": uvloop); httptools and uvloop are imgsim's
-    # dependencies for the CPU they save per request (see README "Serving under load").
-    # Its HTTP protocol is httptools' (a declared dependency), with a deadline on the headers.
+    # Its event loop is left to uvicorn ("auto": uvloop); its HTTP protocol is httptools', with
+    # a deadline on the headers. Both are imgsim's dependencies for the CPU they save per
+    # request (see README "Serving under load").
     uvicorn.run(
         create_app(settings, service),
         host=host,
