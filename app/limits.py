@@ -87,42 +87,51 @@ class BodyLimits:
         )
 
 
-def headers_within(timeout: float) -> type[HttpToolsProtocol]:
+class HeadersWithin(HttpToolsProtocol):
     """uvicorn's HTTP protocol (httptools), closing a connection whose request headers are not
     complete `timeout` seconds after it opened or after the request's first byte: a client that
-    sends a header line every few seconds holds no socket for long (uvicorn itself waits)."""
+    sends a header line every few seconds holds no socket for long (uvicorn itself waits).
 
-    class HeadersWithin(HttpToolsProtocol):
-        _headers_timer: asyncio.TimerHandle | None = None
+    `imgsim serve` passes headers_within(settings.header_timeout); uvicorn's own command line
+    takes `--http app.limits:HeadersWithin`, which reads IMGSIM_HEADER_TIMEOUT (Settings)."""
 
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
-            self._start_headers_timer()
+    timeout: float | None = None  # None: Settings().header_timeout, read once
+    _headers_timer: asyncio.TimerHandle | None = None
 
-        def on_message_begin(self) -> None:
-            super().on_message_begin()
-            self._start_headers_timer()
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._start_headers_timer()
 
-        def on_headers_complete(self) -> None:
-            self._stop_headers_timer()
-            super().on_headers_complete()
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._start_headers_timer()
 
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._stop_headers_timer()
-            super().connection_lost(exc)
+    def on_headers_complete(self) -> None:
+        self._stop_headers_timer()
+        super().on_headers_complete()
 
-        def _start_headers_timer(self) -> None:
-            if self._headers_timer is None:
-                self._headers_timer = self.loop.call_later(timeout, self._headers_too_slow)
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_headers_timer()
+        super().connection_lost(exc)
 
-        def _stop_headers_timer(self) -> None:
-            if self._headers_timer is not None:
-                self._headers_timer.cancel()
-                self._headers_timer = None
+    def _start_headers_timer(self) -> None:
+        if self._headers_timer is None:
+            if HeadersWithin.timeout is None and type(self).timeout is None:
+                HeadersWithin.timeout = Settings().header_timeout
+            timeout = type(self).timeout or HeadersWithin.timeout
+            self._headers_timer = self.loop.call_later(timeout, self._headers_too_slow)
 
-        def _headers_too_slow(self) -> None:
+    def _stop_headers_timer(self) -> None:
+        if self._headers_timer is not None:
+            self._headers_timer.cancel()
             self._headers_timer = None
-            if not self.transport.is_closing():
-                self.transport.close()
 
-    return HeadersWithin
+    def _headers_too_slow(self) -> None:
+        self._headers_timer = None
+        if not self.transport.is_closing():
+            self.transport.close()
+
+
+def headers_within(timeout: float) -> type[HeadersWithin]:
+    """HeadersWithin with this timeout."""
+    return type("HeadersWithin", (HeadersWithin,), {"timeout": timeout})

@@ -5,9 +5,15 @@ the page, read-only on its public address until a key is set."""
 from __future__ import annotations
 
 import io
+import json
+import os
+import re
 import shutil
+import socket
 import subprocess
 import sys
+import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,6 +24,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from app.main import create_app
+from tests.servers import answering, free_port
 from tests.synthetic import noise_png
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,3 +128,45 @@ def test_container_serves_the_page_read_only_until_a_key_is_set(
         assert client.post("/images", files=image).status_code == 401
         response = client.post("/images", files=image, headers={"x-api-key": "compose-key"})
         assert response.status_code == 201
+
+
+@pytest.mark.slow
+def test_the_containers_command_closes_connections_that_never_finish_their_headers(
+    tmp_path: Path,
+) -> None:
+    """The Dockerfile's CMD (uvicorn's command line, the app factory) with its --http protocol:
+    IMGSIM_HEADER_TIMEOUT holds there as under imgsim serve."""
+    command = next(
+        json.loads(line.removeprefix("CMD").strip().replace("\\\n", ""))
+        for line in re.findall(r"^CMD \[.*?\]$", (ROOT / "Dockerfile").read_text(), re.S | re.M)
+    )
+    port = free_port()
+    command = [
+        *command[: command.index("--port") + 1],
+        str(port),
+        *command[command.index("--port") + 2 :],
+    ]
+    env = {
+        **os.environ,
+        "IMGSIM_BACKBONE": "efficientnet_lite0",
+        "IMGSIM_DEVICE": "cpu",
+        "IMGSIM_HOST": "127.0.0.1",
+        "IMGSIM_HEADER_TIMEOUT": "1",
+        "IMGSIM_CACHE_DIR": str(tmp_path / "cache"),
+    }
+    command[command.index("0.0.0.0")] = "127.0.0.1"
+    log = tempfile.TemporaryFile("w+")
+    process = subprocess.Popen(
+        [str(Path(sys.executable).parent / command[0]), *command[1:]],
+        env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+    )  # fmt: skip
+    try:
+        answering(process, f"http://127.0.0.1:{port}", "uvicorn", log)
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # never finished
+            started = time.perf_counter()
+            assert sock.recv(1024) == b""  # closed by the server
+        assert 0.9 < time.perf_counter() - started < 3
+    finally:
+        process.terminate()
+        process.wait(30)
