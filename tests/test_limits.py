@@ -7,6 +7,7 @@ import asyncio
 import errno
 import json
 import socket
+import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ from fastapi.testclient import TestClient
 from app.main import create_app
 from app.settings import Settings
 from index.gallery import GalleryIndex
+from index.store import ItemStore
 from models.bundle import Bundle
 from tests.servers import free_port, start_server
 from tests.synthetic import noise_png
@@ -255,6 +257,25 @@ def test_full_disk_is_507_and_stores_nothing(
     assert answer.status_code == 507 and "disk is full" in answer.json()["detail"]
     monkeypatch.undo()
     assert client.get("/health").json()["index_size"] == size
+
+
+def test_a_delete_on_a_full_disk_is_507_and_keeps_the_image(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite's SQLITE_FULL on the delete's commit (tests/test_full_disk.py has the real disk)."""
+    added = client.post("/images", files=[("files", ("c.png", noise_png(3, 32), "image/png"))])
+    item_id = added.json()["images"][0]["id"]
+
+    def disk_full(*args: object, **kwargs: object) -> None:
+        error = sqlite3.OperationalError("database or disk is full")
+        error.sqlite_errorcode = sqlite3.SQLITE_FULL
+        raise error
+
+    monkeypatch.setattr(ItemStore, "delete", disk_full)
+    answer = client.delete(f"/images/{item_id}")
+    assert answer.status_code == 507 and "disk is full" in answer.json()["detail"]
+    monkeypatch.undo()
+    assert client.get(f"/images/{item_id}").status_code == 200
 
 
 def test_an_unexpected_error_is_a_json_500_with_a_request_id(
