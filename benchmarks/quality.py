@@ -52,6 +52,10 @@ ROWS: dict[str, tuple[str, dict]] = {
     "frozen, resize": ("frozen", {"fit": "resize"}),
     "resize": ("fine-tune", {"fit": "resize"}),
     "multi-similarity": ("fine-tune", {"metric_loss": "multi-similarity"}),
+    "letterbox, multi-similarity": (
+        "fine-tune",
+        {"fit": "letterbox", "metric_loss": "multi-similarity"},
+    ),
 }
 METRICS = ("top1", "recall@1", "map@r", "knn_top1", "answered", "precision")
 
