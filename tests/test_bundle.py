@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from models.bundle import Bundle
+from models.data import eval_transform, resized
 from models.errors import BundleError
+from models.explain import Explainer
 
 
 @pytest.fixture
@@ -74,3 +79,24 @@ def test_training_metrics_are_recorded(trained_bundle_dir: Path) -> None:
     assert [h["phase"] for h in history] == ["probe", "warmup", "finetune"]
     for record in history:
         assert record["val_loss"] > 0 and 0 <= record["val_top1"] <= 1 and record["seconds"] > 0
+
+
+def test_every_stage_fits_the_image_as_the_bundle_says(
+    untrained_bundle: Callable[[Path], Path], tmp_path: Path
+) -> None:
+    """A letterbox bundle: the server's preprocessing, the batches of index and eval, and the
+    input /explain makes are one tensor, and not the centre crop's."""
+    directory = untrained_bundle(tmp_path / "bundle")
+    config = json.loads((directory / "config.json").read_text())
+    config["preprocessing"]["fit"] = "letterbox"
+    (directory / "config.json").unlink()  # a hard link to the shared copy: not written through
+    (directory / "config.json").write_text(json.dumps(config))
+    bundle = Bundle.load(directory, "cpu")
+    image = Image.new("RGB", (600, 100), "white")
+    image.paste((0, 0, 0), (0, 30, 20, 70))  # a mark at the far left, which a crop cuts off
+    served = bundle.preprocess(image)
+    batch, _ = next(bundle.batches([image]))
+    explained, _ = Explainer(bundle)._inputs(image)
+    assert torch.equal(batch[0], served) and torch.allclose(explained[0], served)
+    cropped = replace(bundle.config.preprocessing, fit="crop")
+    assert not torch.allclose(eval_transform(cropped)(resized(image, cropped)), served)
