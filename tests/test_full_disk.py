@@ -7,16 +7,23 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import signal
 import subprocess
+import sys
+import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from app.cli import main
 from index.errors import InsufficientStorage
 from index.gallery import GalleryIndex
+from models.bundle import Bundle
+from tests.servers import answering, free_port
+from tests.synthetic import noise_png
 from tests.test_index_files import _item, collection, vectors
 
 
@@ -119,3 +126,33 @@ def test_a_backup_onto_a_full_disk_fails_in_a_paragraph_and_leaves_nothing(
     err = capsys.readouterr().err
     assert "disk is full" in err and "Traceback" not in err and "\n\n" not in err.strip()
     assert sorted(p.name for p in disk.iterdir()) == ["filler"]
+
+
+@pytest.mark.slow
+def test_a_server_stopped_on_a_full_disk_exits_cleanly_and_loses_nothing(
+    disk: Path, tmp_path: Path, untrained_bundle: Callable[[Path], Path]
+) -> None:
+    """SIGTERM with changes not yet in a snapshot and a full disk: a clean shutdown, the log says
+    what was not written, and on the freed disk every acknowledged image is there."""
+    bundle = untrained_bundle(tmp_path / "bundle")
+    GalleryIndex.create(512, Bundle.load(bundle, "cpu").fingerprint, disk / "index").close()
+    port, log = free_port(), tempfile.TemporaryFile("w+")
+    command = [sys.executable, "-m", "app.cli", "serve", "--model", str(bundle)]
+    command += ["--index", str(disk / "index"), "--port", str(port), "--device", "cpu"]
+    command += ["--runtime", "torch"]
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    answering(process, f"http://127.0.0.1:{port}", "imgsim serve", log)
+    files = [("files", (f"{i}.png", noise_png(i, 32), "image/png")) for i in range(3)]
+    assert httpx.post(f"http://127.0.0.1:{port}/images", files=files).status_code == 201
+    filler = fill(disk)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(60) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal it handled
+    log.seek(0)
+    text = log.read()
+    assert "Application shutdown complete" in text
+    assert "shutdown failed" not in text and "Traceback" not in text
+    assert "no snapshot of changes 1-3 was written" in text
+    filler.unlink()
+    reopened = GalleryIndex.load(disk / "index")
+    assert len(reopened) == 3 and reopened.consistent()
+    reopened.close()
