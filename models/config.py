@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from models.backbones import BACKBONES, DEFAULT_BACKBONE, FITS, INSTALLED_BACKBONE
+from models.backbones import BACKBONES, DEFAULT_BACKBONE, DEFAULT_FIT, FITS, INSTALLED_BACKBONE
 from models.devices import DEVICES
 from models.losses import METRIC_LOSSES
 from models.network import DEFAULT_TEMPERATURE, HEADS
@@ -80,7 +80,7 @@ class TrainConfig:
     )
     metric_weight: float = knob(1.0, "the metric-learning loss's weight beside cross-entropy")
     fit: str = knob(
-        "crop",
+        DEFAULT_FIT,
         "how an image is fitted to the network's square, in training and wherever the bundle "
         "embeds: crop (short side, centre square), letterbox (whole, on its background) or "
         "resize (whole, stretched)",
