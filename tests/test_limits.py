@@ -25,10 +25,12 @@ from tests.servers import free_port, start_server
 from tests.synthetic import noise_png
 
 LIMIT = 1_000_000
-BODY_DEADLINE, HEADER_TIMEOUT = 3, 2
+# The drip test sends a byte every 0.25 s: 1.75 s of slack under the stall timeout on a busy CI
+# machine (a 0.5 s drip against 1 s stalled there once).
+BODY_TIMEOUT, BODY_DEADLINE, HEADER_TIMEOUT = 2, 5, 2
 SMALL_LIMITS = {
     "IMGSIM_MAX_REQUEST_BYTES": str(LIMIT),
-    "IMGSIM_BODY_TIMEOUT": "1",
+    "IMGSIM_BODY_TIMEOUT": str(BODY_TIMEOUT),
     "IMGSIM_BODY_DEADLINE": str(BODY_DEADLINE),
     "IMGSIM_HEADER_TIMEOUT": str(HEADER_TIMEOUT),
 }
@@ -42,7 +44,7 @@ def empty_index(bundle_dir: Path, parent: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def server(trained_bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
-    """A real server with a 1 MB body limit, a 1 s body timeout, a 3 s body deadline and a 2 s
+    """A real server with a 1 MB body limit, a 2 s body timeout, a 5 s body deadline and a 2 s
     header timeout; yields its port."""
     port = free_port()
     index_dir = empty_index(trained_bundle_dir, tmp_path_factory.mktemp("limits"))
@@ -159,12 +161,12 @@ def test_stalled_body_times_out(server: int) -> None:
         started = time.perf_counter()
         status, body = read_answer(sock)
     assert status == 408 and "stalled" in body["detail"]
-    assert time.perf_counter() - started < 5
+    assert time.perf_counter() - started < BODY_TIMEOUT + 3
 
 
 @pytest.mark.slow
 def test_a_body_that_drips_is_cut_off_at_the_deadline(server: int) -> None:
-    """A byte every 0.5 s never stalls for the 1 s timeout; the whole-body deadline ends it."""
+    """A byte every 0.25 s never stalls for the 2 s timeout; the whole-body deadline ends it."""
     with socket.create_connection(("127.0.0.1", server), timeout=10) as sock:
         headers = {"Content-Type": MULTIPART, "Content-Length": "5000"}
         sock.sendall(request_head("/classify", headers) + PART_HEAD)
@@ -173,13 +175,13 @@ def test_a_body_that_drips_is_cut_off_at_the_deadline(server: int) -> None:
         answer = b""
         while not answer and time.perf_counter() - started < 3 * BODY_DEADLINE:
             sock.sendall(b"x")
-            time.sleep(0.5)
+            time.sleep(0.25)
             try:
                 answer = sock.recv(65536)
             except BlockingIOError:
                 pass
         elapsed = time.perf_counter() - started
-    assert answer.startswith(b"HTTP/1.1 408") and b"took longer than 3 s" in answer
+    assert answer.startswith(b"HTTP/1.1 408") and f"took longer than {BODY_DEADLINE} s".encode() in answer
     assert BODY_DEADLINE <= elapsed < BODY_DEADLINE + 1.5
 
 
