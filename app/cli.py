@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from app.options import COMMON, TRAINING, add_options, config_from, positive
 from index.errors import IndexProblem
 from models.backbones import INSTALLED_BACKBONE
-from models.errors import ImgsimError
+from models.errors import DatasetError, ImgsimError
 from models.layout import BundleLayout
 from models.memory import retain_freed_memory
 from models.runtime import RUNTIMES
@@ -72,7 +72,7 @@ def _configure_logging(verbose: bool) -> None:
     """imgsim's progress at INFO; libraries' chatter (libvips' messages on how it shrinks each
     image, faiss' imports) only with --verbose, their warnings always."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for library in ("pyvips", "faiss"):
+    for library in ("pyvips", "faiss", "ray"):
         logging.getLogger(library).setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
@@ -143,7 +143,7 @@ def _run_train(args: argparse.Namespace) -> None:
 
 
 def _index_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("gallery_dir", type=Path, metavar="GALLERY_DIR")
+    parser.add_argument("gallery_dir", metavar="GALLERY_DIR")  # a folder, or a URI for Ray
     _path(parser, "--model", "BUNDLE", "trained bundle folder")
     _path(parser, "--out", "DIR", "index folder (default: BUNDLE/index, or ./index-BACKBONE)")
     add_options(parser, ("batch_size", "workers"))
@@ -166,6 +166,20 @@ def _index_arguments(parser: argparse.ArgumentParser) -> None:
         "collection (default: no limit)",
     )
     parser.add_argument("--runtime", default="auto", choices=RUNTIMES, help=RUNTIME_HELP)
+    parser.add_argument(
+        "--engine",
+        default="process",
+        choices=("process", "ray"),
+        help="embed in this process with --workers decoders, or on Ray Data (pip install "
+        "'imgsim[ray]'): GALLERY_DIR may then be a URI such as s3://bucket/prefix, the "
+        "embeddings are kept as Parquet shards beside the index and a rerun resumes "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--ray-address",
+        metavar="ADDRESS",
+        help="the Ray cluster to run on (default: RAY_ADDRESS, else Ray started here)",
+    )
     _common(parser)
 
 
@@ -180,8 +194,29 @@ def _run_index(args: argparse.Namespace) -> None:
     bundle.use_runtime(args.runtime)
     default = BundleLayout(args.model).index if args.model else Path(f"index-{args.backbone}")
     out = args.out or default
+    if args.engine == "ray":
+        from app.ray_index import index_on_ray
+
+        gallery = index_on_ray(
+            str(args.gallery_dir),
+            bundle,
+            out,
+            runtime=args.runtime,
+            batch_size=args.batch_size,
+            address=args.ray_address,
+            factory=args.index_factory,
+            max_index_memory=args.max_index_memory,
+            rebuild=args.rebuild,
+        )
+        print(f"indexed {len(gallery)} images into {out} (model {bundle.fingerprint})")
+        return
+    if "://" in args.gallery_dir:
+        raise DatasetError(
+            f"{args.gallery_dir} is a URI, which only --engine ray reads. Add --engine ray "
+            "(pip install 'imgsim[ray]'), or copy the images to a local folder."
+        )
     gallery = index_folder(
-        args.gallery_dir,
+        Path(args.gallery_dir),
         bundle,
         out,
         batch_size=args.batch_size,

@@ -64,7 +64,7 @@ def index_folder(
             + ". Pass the folder of images to index."
         )
     target = out_dir
-    gallery = None if rebuild else _open_for_update(out_dir, bundle, factory, max_index_memory)
+    gallery = None if rebuild else open_for_update(out_dir, bundle, factory, max_index_memory)
     if gallery is None:
         target = out_dir.with_name(f".{out_dir.name}.building-{os.getpid()}")
         shutil.rmtree(target, ignore_errors=True)
@@ -107,7 +107,7 @@ def index_folder(
     return gallery
 
 
-def _open_for_update(
+def open_for_update(
     out_dir: Path, bundle: Bundle, factory: str | None, max_index_memory: int | None
 ) -> GalleryIndex | None:
     """The existing index at out_dir when it is of this bundle's model (kept within

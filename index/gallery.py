@@ -311,6 +311,10 @@ class GalleryIndex:
         """The content hashes of every item."""
         return self.store.sha256s()
 
+    def contents_by_path(self) -> dict[str, str | None]:
+        """Each item's path with its content hash."""
+        return self.store.contents_by_path()
+
     def labels(self) -> dict[str | None, int]:
         """How many items carry each label."""
         return self.store.labels()

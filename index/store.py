@@ -273,6 +273,11 @@ class ItemStore:
             rows = db.execute("SELECT DISTINCT sha256 FROM items WHERE sha256 IS NOT NULL")
             return {row[0] for row in rows}
 
+    def contents_by_path(self) -> dict[str, str | None]:
+        """Each item's path with its content hash (one of them where a path is stored twice)."""
+        with self._reading() as db:
+            return dict(db.execute("SELECT path, sha256 FROM items").fetchall())
+
     def embeddings(
         self, dim: int, ids: np.ndarray | None = None, chunk: int = 50_000
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:

@@ -106,8 +106,13 @@ def label_of(path: Path, root: Path) -> str | None:
     """The class of an image: its class folder, the top-level subfolder below root (below
     root/train or root/val in the train/val layout); None for a file outside any class folder.
     The one rule for training, indexing and evaluation."""
-    parts = path.relative_to(root).parts
-    if parts and parts[0] in SPLIT_FOLDERS and is_split(root):
+    return label_of_parts(path.relative_to(root).parts, is_split(root))
+
+
+def label_of_parts(parts: Sequence[str], split: bool) -> str | None:
+    """label_of for a path given as its parts below root (a local or a remote one), where split
+    says whether root has the train/val layout."""
+    if parts and parts[0] in SPLIT_FOLDERS and split:
         parts = parts[1:]
     return parts[0] if len(parts) > 1 else None
 

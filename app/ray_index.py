@@ -1,0 +1,464 @@
+"""`imgsim index DIR --engine ray`: embed a collection of any size on Ray Data, then load it.
+
+Two steps, each resumable:
+
+1. Embed. The files below DIR (a local folder, or any URI pyarrow's filesystems read, such as
+   s3://bucket/prefix) not yet in the collection are read, hashed and decoded with the one
+   decode policy in CPU tasks, and embedded in a pool of actors that each load the bundle once
+   and run it with the runtime (one GPU per actor where the cluster has GPUs). The driver
+   writes what comes back as Parquet shards (relative path, label, sha256, embedding) into
+   DATASET_DIR (the index folder's `.name.embeddings` beside it), each atomically, so a shard
+   on disk is always whole. A rerun after a crash leaves out the files already in a shard.
+2. Load. The shards are added to the collection through the same add path as the in-process
+   index, one chunk of rows per transaction, so memory stays bounded by a chunk (plus FAISS's
+   own vectors). A rerun leaves out the rows whose path is already in the collection. Once
+   every shard is loaded the dataset is marked complete; the next run starts a new one.
+
+Files whose content is already in the collection under a path outside this run are left out,
+as the in-process index leaves out known contents; so an interrupted and resumed run gives the
+collection an uninterrupted run gives, and both give the in-process index's items.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from index.folder import replace_directory
+from index.gallery import GalleryIndex
+from index.store import NewItem
+from models.bundle import Bundle
+from models.config import BATCH_SIZE
+from models.data import (
+    IMAGE_EXTENSIONS,
+    SPLIT_FOLDERS,
+    Preprocessing,
+    decode,
+    eval_transform,
+    label_of_parts,
+    listing,
+    resized,
+    scan_images,
+)
+from models.errors import DatasetError, UnsupportedImage
+from models.layout import BundleLayout
+from models.runtime import export_folder
+
+log = logging.getLogger(__name__)
+
+SHARD_ROWS = 2048  # rows per Parquet shard: 10 MB at efficientnet_lite0's 1280 floats
+LOAD_ROWS = 2048  # rows added to the collection per transaction
+DECODE_ROWS = 16  # files per decode task call
+ACTOR_MEMORY = 2**30  # bytes Ray reserves for an embedding actor
+COMPLETE = "_COMPLETE"  # marks a dataset whose every shard is in the collection
+FINGERPRINT_KEY = b"imgsim_fingerprint"  # Parquet metadata: the model that made a shard
+RAY_MISSING = (
+    "imgsim index --engine ray needs Ray Data, which is not installed. Install it with "
+    "pip install 'imgsim[ray]' (or run without --engine ray to index in this process)."
+)
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where the images are: a pyarrow filesystem and the root on it, and how the collection
+    names a file (its resolved path for a local folder, else the URI)."""
+
+    uri: str
+    local: Path | None  # the folder, for a local source
+
+    @classmethod
+    def of(cls, where: str) -> Source:
+        if "://" in where and not where.startswith("file://"):
+            return cls(where.rstrip("/"), None)
+        folder = Path(where.removeprefix("file://")).expanduser()
+        return cls(str(folder), folder)
+
+    def filesystem(self) -> Any:
+        """(pyarrow FileSystem, root path on it)."""
+        from pyarrow import fs
+
+        if self.local is not None:
+            return fs.LocalFileSystem(), str(self.local.resolve())
+        return fs.FileSystem.from_uri(self.uri)
+
+    def stored_path(self, relative: str) -> str:
+        """The path the collection keeps for a file, as the in-process index keeps it."""
+        if self.local is not None:
+            return str((self.local / relative).resolve())
+        return f"{self.uri}/{relative}"
+
+    def list(self) -> tuple[list[str], list[tuple[Path, str]], bool]:
+        """(relative paths of the image files, sorted; skipped entries with why; whether the
+        root has the train/val layout). A local folder is listed as `imgsim index` lists it."""
+        if self.local is not None:
+            if not self.local.is_dir():
+                return [], [], False
+            found, skipped = scan_images(self.local)
+            relative = [p.relative_to(self.local).as_posix() for p in found]
+            return relative, skipped, all((self.local / s).is_dir() for s in SPLIT_FOLDERS)
+        from pyarrow import fs
+
+        filesystem, root = self.filesystem()
+        selector = fs.FileSelector(root, recursive=True, allow_not_found=True)
+        infos = filesystem.get_file_info(selector)
+        relative = sorted(
+            PurePosixPath(info.path).relative_to(root).as_posix()
+            for info in infos
+            if info.type == fs.FileType.File
+            and PurePosixPath(info.path).suffix.lower() in IMAGE_EXTENSIONS
+            and not any(p.startswith(".") for p in PurePosixPath(info.path).relative_to(root).parts)
+        )
+        tops = {PurePosixPath(info.path).relative_to(root).parts[0] for info in infos}
+        return relative, [], set(SPLIT_FOLDERS) <= tops
+
+
+def dataset_folder(out_dir: Path) -> Path:
+    """Where the Parquet shards of an index folder are written: beside it."""
+    return out_dir.with_name(f".{out_dir.name}.embeddings")
+
+
+def index_on_ray(
+    source_dir: str,
+    bundle: Bundle,
+    out_dir: Path,
+    *,
+    runtime: str = "auto",
+    batch_size: int = BATCH_SIZE,
+    address: str | None = None,
+    factory: str | None = None,
+    max_index_memory: int | None = None,
+    rebuild: bool = False,
+) -> GalleryIndex:
+    """Embed the images below source_dir on Ray into Parquet shards, then add them to the
+    collection at out_dir (made if there is none; made afresh with rebuild). Returns the
+    collection, closed."""
+    try:
+        import ray
+    except ImportError:
+        raise DatasetError(RAY_MISSING) from None
+    from app.stages import open_for_update
+
+    source = Source.of(source_dir)
+    relative, skipped, split = source.list()
+    if not relative:
+        raise DatasetError(
+            f"{source.uri} holds no image files (.jpg, .png, .webp, ...)"
+            + (f"; skipped: {listing(skipped)}" if skipped else "")
+            + ". Pass the folder of images to index."
+        )
+    # A rebuild fills a folder of its own (a rerun continues it) and replaces out_dir at the end.
+    target = out_dir.with_name(f".{out_dir.name}.rebuilding") if rebuild else out_dir
+    gallery = open_for_update(target, bundle, factory, max_index_memory)
+    created = gallery is None
+    if gallery is None:
+        shutil.rmtree(target, ignore_errors=True)
+        gallery = GalleryIndex.create(
+            bundle.embedding_dim,
+            bundle.fingerprint,
+            target,
+            factory,
+            max_index_memory=max_index_memory,
+        )
+    dataset = dataset_folder(target)
+    try:
+        stored = gallery.contents_by_path()
+        done = _finished_shards(dataset, bundle.fingerprint)
+        todo = [r for r in relative if source.stored_path(r) not in stored and r not in done]
+        log.info(
+            "%d images: %d in the collection, %d embedded by an earlier run, %d to embed",
+            len(relative),
+            sum(source.stored_path(r) in stored for r in relative),
+            sum(r in done for r in relative),
+            len(todo),
+        )
+        failed: list[tuple[Path, str]] = []
+        if todo:
+            _start_ray(ray, address)
+            failed = _embed(ray, source, todo, split, bundle, runtime, batch_size, dataset)
+        problems = skipped + failed
+        if problems:
+            log.warning("skipping %d unreadable file(s): %s", len(problems), listing(problems))
+        _load(dataset, source, gallery, stored)
+        if not len(gallery):
+            raise DatasetError(
+                f"none of the {len(relative)} image files below {source.uri} could be indexed: "
+                f"{listing(problems)}. Replace or remove them and run 'imgsim index' again."
+            )
+        (dataset / COMPLETE).touch()
+        if gallery.kind.for_size(len(gallery)) != gallery.vectors.factory:
+            gallery.rebuild()  # the kind for the collection's final size, trained on all of it
+    except DatasetError:
+        gallery.close()
+        if created:
+            shutil.rmtree(target, ignore_errors=True)
+            shutil.rmtree(dataset, ignore_errors=True)
+        raise
+    gallery.close()
+    if rebuild:
+        replace_directory(target, out_dir)
+        shutil.rmtree(dataset_folder(out_dir), ignore_errors=True)
+        dataset.rename(dataset_folder(out_dir))
+    return gallery
+
+
+def _start_ray(ray: Any, address: str | None) -> None:
+    """Connect to the cluster at address (or RAY_ADDRESS), else start Ray in this process
+    with this machine's CPUs; Ray Data's own progress bars give way to ours."""
+    if not ray.is_initialized():
+        local = address is None and not os.environ.get("RAY_ADDRESS")
+        ray.init(
+            address=address,
+            num_cpus=os.cpu_count() if local else None,
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+            log_to_driver=False,
+            configure_logging=False,
+        )
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+
+
+def _finished_shards(dataset: Path, fingerprint: str) -> set[str]:
+    """The relative paths in this dataset's whole shards of this model. A complete dataset
+    (loaded by an earlier run), shards of another model and partial writes are removed."""
+    import pyarrow.parquet as pq
+
+    if (dataset / COMPLETE).exists():
+        shutil.rmtree(dataset)
+    dataset.mkdir(parents=True, exist_ok=True)
+    done: set[str] = set()
+    for path in sorted(dataset.iterdir()):
+        if path.suffix != ".parquet":
+            path.unlink()  # a shard whose write was cut short
+            continue
+        metadata = pq.read_schema(path).metadata or {}
+        if metadata.get(FINGERPRINT_KEY) != fingerprint.encode():
+            log.info("removing %s: embedded by another model", path.name)
+            path.unlink()
+            continue
+        done.update(pq.read_table(path, columns=["path"]).column("path").to_pylist())
+    return done
+
+
+def _embed(
+    ray: Any,
+    source: Source,
+    todo: list[str],
+    split: bool,
+    bundle: Bundle,
+    runtime: str,
+    batch_size: int,
+    dataset: Path,
+) -> list[tuple[Path, str]]:
+    """Run the pipeline over todo, writing its output as shards; returns the unreadable files."""
+    gpus = ray.cluster_resources().get("GPU", 0) >= 1
+    actors = max(1, int(ray.cluster_resources().get("GPU", 0))) if gpus else 1
+    files = _bundle_files(bundle, runtime if not gpus else "torch")
+    blocks = max(1, min(len(todo) // DECODE_ROWS, 1000))
+    pipeline = (
+        ray.data.from_items([{"path": r} for r in todo], override_num_blocks=blocks)
+        .map_batches(
+            _decode_batch,
+            batch_size=DECODE_ROWS,
+            fn_kwargs={"source": source, "pre": bundle.config.preprocessing},
+            num_cpus=1,
+        )
+        .map_batches(
+            Embedder,
+            batch_size=batch_size,
+            fn_constructor_kwargs={
+                "files": ray.put(files),
+                "device": "cuda" if gpus else "cpu",
+                "runtime": runtime if not gpus else "torch",
+            },
+            compute=ray.data.ActorPoolStrategy(size=actors),
+            num_gpus=1 if gpus else 0,
+            num_cpus=1,
+            # What an actor holds (the bundle, its runtime, a batch in flight), for Ray's
+            # placement. Ray Data fuses two stages whose resources match into one; these
+            # differ, so decoding stays in tasks of its own beside the forward.
+            memory=ACTOR_MEMORY,
+        )
+    )
+    failed: list[tuple[Path, str]] = []
+    shard: list[dict[str, np.ndarray]] = []
+    rows = 0
+    with tqdm(total=len(todo), desc="embedding", unit="image") as progress:
+        for batch in pipeline.iter_batches(batch_size=None, batch_format="numpy"):
+            bad = batch["error"] != ""
+            failed += [(Path(source.stored_path(p)), e) for p, e in zip(
+                batch["path"][bad], batch["error"][bad], strict=True)]  # fmt: skip
+            good = {key: batch[key][~bad] for key in ("path", "sha256", "embedding")}
+            shard.append(good)
+            rows += len(good["path"])
+            progress.update(len(batch["path"]))
+            if rows >= SHARD_ROWS:
+                _write_shard(dataset, shard, split, bundle.fingerprint)
+                shard, rows = [], 0
+        if rows:
+            _write_shard(dataset, shard, split, bundle.fingerprint)
+    return failed
+
+
+def _bundle_files(bundle: Bundle, runtime: str) -> dict[str, bytes]:
+    """The files an actor rebuilds the bundle from: config and weights, and the runtime's
+    export when it is made from them (made here once, not by every actor)."""
+    if bundle.directory is None:
+        folder = Path(tempfile.mkdtemp(prefix="imgsim-bundle-"))
+        bundle.save(folder)
+    else:
+        folder = bundle.directory
+    layout = BundleLayout(folder)
+    files = {p.name: p.read_bytes() for p in (layout.config, layout.weights)}
+    if runtime != "torch":
+        bundle.use_runtime(runtime)  # exports into the bundle's export folder on first use
+        export = BundleLayout(export_folder(bundle)).onnx
+        if export.is_file():
+            files[export.name] = export.read_bytes()
+    return files
+
+
+def _decode_batch(
+    batch: dict[str, np.ndarray], source: Source, pre: Preprocessing
+) -> dict[str, np.ndarray]:
+    """A Ray task: read, hash and decode each file to its resized uint8 square (3, R, R), as
+    every stage does; a file that cannot be read or decoded gets a blank and the reason."""
+    filesystem, root = source.filesystem()
+    size = pre.resize_size
+    pixels = np.zeros((len(batch["path"]), 3, size, size), np.uint8)
+    hashes, errors = [], []
+    for i, relative in enumerate(batch["path"]):
+        sha, why = "", ""
+        try:
+            with filesystem.open_input_stream(f"{root}/{relative}") as stream:
+                data = stream.read()
+            sha = hashlib.sha256(data).hexdigest()
+            pixels[i] = resized(decode(data, pre), pre).numpy()
+        except (UnsupportedImage, OSError) as err:
+            why = str(err) or "unreadable"
+        hashes.append(sha)
+        errors.append(why)
+    return {
+        "path": batch["path"],
+        "sha256": np.asarray(hashes),
+        "error": np.asarray(errors),
+        "pixels": pixels,
+    }
+
+
+class Embedder:
+    """A Ray actor: the bundle, loaded once from its files, runs each batch of decoded images
+    through the runtime (centre crop and normalise, then the forward)."""
+
+    def __init__(self, files: Any, device: str, runtime: str):  # files: an ObjectRef of a dict
+        import ray
+
+        folder = Path(tempfile.mkdtemp(prefix="imgsim-actor-"))
+        for name, data in ray.get(files).items():
+            (folder / name).write_bytes(data)
+        self.bundle = Bundle.load(folder, device)
+        self.bundle.use_runtime(runtime)
+        self.transform = eval_transform(self.bundle.config.preprocessing)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ok = batch["error"] == ""
+        embeddings = np.zeros((len(ok), self.bundle.embedding_dim), np.float32)
+        if ok.any():
+            x = self.transform(torch.from_numpy(batch["pixels"][ok]))
+            embeddings[ok] = self.bundle.forward(x).embeddings
+        return {
+            "path": batch["path"],
+            "sha256": batch["sha256"],
+            "error": batch["error"],
+            "embedding": embeddings,
+        }
+
+
+def _write_shard(
+    dataset: Path, parts: list[dict[str, np.ndarray]], split: bool, fingerprint: str
+) -> None:
+    """Rows as one Parquet file, written under a temporary name and renamed when whole."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    embeddings = np.concatenate([p["embedding"] for p in parts]).astype(np.float32)
+    dim = embeddings.shape[1]
+    paths = np.concatenate([p["path"] for p in parts]).tolist()
+    labels = [label_of_parts(PurePosixPath(path).parts, split) for path in paths]
+    table = pa.table(
+        {
+            "path": pa.array(paths, pa.string()),
+            "label": pa.array(labels, pa.string()),
+            "sha256": pa.array(np.concatenate([p["sha256"] for p in parts]).tolist(), pa.string()),
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(embeddings.ravel()), dim),
+        }
+    ).replace_schema_metadata({FINGERPRINT_KEY: fingerprint.encode()})
+    name = f"shard-{uuid.uuid4().hex[:12]}.parquet"
+    pq.write_table(table, dataset / f"{name}.partial")
+    os.replace(dataset / f"{name}.partial", dataset / name)
+
+
+def _load(
+    dataset: Path,
+    source: Source,
+    gallery: GalleryIndex,
+    stored: dict[str, str | None],
+) -> int:
+    """Add the shards' rows not yet in the collection, LOAD_ROWS at a time; returns how many.
+    A row is left out when its path is in the collection, or its content is there under a
+    path that no shard of this run holds (an image indexed before, as `imgsim index` skips)."""
+    shards = sorted(dataset.glob("*.parquet"))
+    ours = {source.stored_path(p) for p in _shard_paths(shards)}
+    elsewhere = {sha for path, sha in stored.items() if path not in ours}
+    added = 0
+    for chunk in _chunks(shards):
+        paths = [source.stored_path(p) for p in chunk["path"]]
+        keep = [
+            i
+            for i, (path, sha) in enumerate(zip(paths, chunk["sha256"], strict=True))
+            if path not in stored and sha not in elsewhere
+        ]
+        if not keep:
+            continue
+        items = [NewItem(paths[i], chunk["label"][i], sha256=chunk["sha256"][i]) for i in keep]
+        gallery.add(chunk["embedding"][keep], items)
+        stored.update((item.path, item.sha256) for item in items)
+        added += len(items)
+    log.info("added %d images from %d shard(s) in %s", added, len(shards), dataset)
+    return added
+
+
+def _shard_paths(shards: list[Path]) -> Iterator[str]:
+    import pyarrow.parquet as pq
+
+    for shard in shards:
+        yield from pq.read_table(shard, columns=["path"]).column("path").to_pylist()
+
+
+def _chunks(shards: list[Path]) -> Iterator[dict[str, Any]]:
+    """The shards' rows, LOAD_ROWS at a time: paths, hashes and an (N, D) float32 matrix."""
+    import pyarrow.parquet as pq
+
+    for shard in shards:
+        for batch in pq.ParquetFile(shard).iter_batches(batch_size=LOAD_ROWS):
+            column = batch.column("embedding")
+            dim = column.type.list_size
+            yield {
+                "path": batch.column("path").to_pylist(),
+                "label": batch.column("label").to_pylist(),
+                "sha256": batch.column("sha256").to_pylist(),
+                "embedding": column.flatten().to_numpy().reshape(-1, dim),
+            }

@@ -1,0 +1,145 @@
+"""Embedding a collection at scale: `imgsim index` in this process (eager PyTorch and the
+runtime auto) and on Ray Data (local, this machine's CPUs), on the same images in one run.
+
+Each engine indexes the images into a fresh collection, as the CLI does (list, hash, decode,
+embed, store, build FAISS). Ray's time is split into its fixed start (Ray itself, its worker
+processes, the actor loading the bundle: the time to its first shard) and the rate after it;
+its overhead is against the in-process auto rate. Sizes per item are measured on the
+collections made: Parquet shards, SQLite, and FAISS's vectors.
+
+    python -m benchmarks.embed_scale [--stamps DIR] [--repeat N]
+
+Writes benchmarks/embed_scale.md (the figures; the projections are written there by hand
+from them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import app.ray_index as ray_index
+from app.stages import index_folder
+from benchmarks.machine import cpu_model
+from benchmarks.transfer import STAMPS
+from models.bundle import Bundle
+from models.config import BATCH_SIZE, WORKERS
+from models.data import find_images
+from models.workers import preload_in_workers
+
+OUT = Path(__file__).with_name("embed_scale.md")
+BACKBONE = "efficientnet_lite0"
+
+
+def gallery(stamps: Path, repeat: int, root: Path) -> Path:
+    """The stamps, each listed repeat times (hard links under distinct names; distinct
+    contents, so that no copy is skipped as already indexed: one byte appended)."""
+    for copy in range(repeat):
+        for path in find_images(stamps):
+            target = root / path.parent.name / f"{copy}-{path.name}"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(path.read_bytes() + bytes([copy]))
+    return root
+
+
+def run_in_process(images: Path, bundle_dir: Path, runtime: str, out: Path) -> dict:
+    bundle = Bundle.load(bundle_dir, "cpu")
+    chosen = bundle.use_runtime(runtime)
+    started = time.perf_counter()
+    collection = index_folder(images, bundle, out, batch_size=BATCH_SIZE, workers=WORKERS)
+    seconds = time.perf_counter() - started
+    return {"engine": f"in-process, {runtime} ({chosen})", "n": len(collection), "s": seconds}
+
+
+def run_ray(images: Path, bundle_dir: Path, out: Path) -> dict:
+    """index_on_ray, with the time its first shard landed (Ray started, workers up, the actor
+    loaded) recorded to split the fixed start from the rate."""
+    bundle = Bundle.load(bundle_dir, "cpu")
+    bundle.use_runtime("auto")
+    shards: list[tuple[float, int]] = []
+    write = ray_index._write_shard
+
+    def timed_write(dataset: Path, parts: list, split: bool, fingerprint: str) -> None:
+        write(dataset, parts, split, fingerprint)
+        shards.append((time.perf_counter(), sum(len(p["path"]) for p in parts)))
+
+    ray_index._write_shard = timed_write
+    try:
+        started = time.perf_counter()
+        collection = ray_index.index_on_ray(str(images), bundle, out, batch_size=BATCH_SIZE)
+        seconds = time.perf_counter() - started
+    finally:
+        ray_index._write_shard = write
+    first_at, first_rows = shards[0]
+    rate = (len(collection) - first_rows) / (shards[-1][0] - first_at) if len(shards) > 1 else None
+    parquet = sum(p.stat().st_size for p in ray_index.dataset_folder(out).glob("*.parquet"))
+    return {
+        "engine": "Ray Data, local, auto",
+        "n": len(collection),
+        "s": seconds,
+        "start_s": first_at - started,
+        "steady": rate,
+        "parquet_bytes": parquet / len(collection),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--stamps", type=Path, default=STAMPS)
+    parser.add_argument("--repeat", type=int, default=3, help="copies of each stamp")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    preload_in_workers("benchmarks.machine", "benchmarks.transfer")
+    ray_index.SHARD_ROWS = 256  # several shards even on a small run, to time the steady rate
+    with tempfile.TemporaryDirectory() as folder:
+        work = Path(folder)
+        images = gallery(args.stamps, args.repeat, work / "images")
+        Bundle.pretrained(BACKBONE, "imagenet", "cpu").save(work / "bundle")
+        rows = []
+        for runtime in ("torch", "auto"):
+            rows.append(run_in_process(images, work / "bundle", runtime, work / runtime))
+            print(rows[-1], flush=True)
+        sqlite_bytes = (work / "auto" / "items.sqlite").stat().st_size / rows[-1]["n"]
+        shutil.rmtree(work / "torch")
+        rows.append(run_ray(images, work / "bundle", work / "ray"))
+        print(rows[-1], flush=True)
+    auto = rows[1]["n"] / rows[1]["s"]
+    lines = [
+        "# Embedding at scale: in-process and on Ray Data",
+        "",
+        f"`python -m benchmarks.embed_scale --repeat {args.repeat}`",
+        "",
+        f"{rows[0]['n']} images (the Tux Paint stamps, {args.repeat} copies each), "
+        f"{BACKBONE} (1280-float embeddings), batches of {BATCH_SIZE}; in-process with "
+        f"{WORKERS} decoding workers; Ray started in-process with {os.cpu_count()} CPUs; "
+        f"{os.cpu_count()} cores, {cpu_model()}. Wall time of the whole `imgsim index` "
+        "(list, hash, decode, embed, store, build FAISS), into a fresh collection.",
+        "",
+        "| engine | images | s | images/s | start s | images/s after start | against "
+        "in-process auto |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        rate = row["n"] / row["s"]
+        start = f"{row['start_s']:.1f}" if "start_s" in row else "-"
+        steady = f"{row['steady']:.1f}" if row.get("steady") else "-"
+        lines.append(
+            f"| {row['engine']} | {row['n']} | {row['s']:.1f} | {rate:.1f} | {start} "
+            f"| {steady} | {rate / auto:.2f} |"
+        )
+    lines += [
+        "",
+        f"Per item: Parquet {rows[2]['parquet_bytes']:.0f} bytes, SQLite {sqlite_bytes:.0f} "
+        "bytes (embedding, path, label, hash, checksum); FAISS Flat 5120 bytes (1280 float32).",
+    ]
+    OUT.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
