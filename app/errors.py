@@ -63,6 +63,14 @@ class ServiceBusy(ImgsimError):
         self.headers = {"Retry-After": str(retry_after)}
 
 
+class ClassConflict(ImgsimError):
+    """A class of that name exists, or a trained class was asked to change."""
+
+
+class ClassNotFound(ImgsimError):
+    """No class of that name."""
+
+
 class NotReady(ImgsimError):
     """The service cannot answer model requests (inference worker stopped, no index)."""
 
@@ -76,6 +84,8 @@ STATUS: list[tuple[type[Exception], int]] = [  # first match wins: subclasses be
     (Unauthorized, 401),
     (WritesDisabled, 403),
     (ImageFileMissing, 404),
+    (ClassNotFound, 404),
+    (ClassConflict, 409),
     (NoIndex, 503),
     (ServiceBusy, 503),
     (NotReady, 503),

@@ -14,7 +14,7 @@ from app.auth import log_write_policy
 from app.batching import Batcher
 from app.limits import BodyLimits, form_limits
 from app.metrics import Metrics, RequestMetrics
-from app.routes import classify, explain, gallery, images, operations, page
+from app.routes import classes, classify, explain, gallery, images, operations, page
 from app.service import Service, load_service
 from app.settings import Settings
 from models.memory import retain_freed_memory
@@ -51,6 +51,7 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
     app.add_middleware(RequestMetrics, metrics=metrics)
     errors.install(app, on_unhandled=metrics.unhandled_errors.inc)
     app.include_router(classify.router)
+    app.include_router(classes.router)
     app.include_router(gallery.router)
     app.include_router(operations.router)
     app.include_router(images.router)

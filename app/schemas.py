@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, computed_field
 
@@ -27,6 +27,29 @@ class ClassifyResponse(BaseModel):
     )
     predictions: list[Prediction] = Field(description="the top-k classes, even when unknown")
     model: str = Field(description="fingerprint of the model that answered")
+    method: Literal["classifier", "neighbours"] = Field(
+        description="who answered: the classifier (trained and added classes) or a vote of "
+        "the nearest labelled images"
+    )
+    classifier: str = Field(
+        description="version of the classifier: the model's fingerprint, plus a hash of the "
+        "added classes when there are any"
+    )
+
+
+class ClassInfo(BaseModel):
+    """One class the classifier answers with."""
+
+    name: str
+    source: Literal["trained", "added"]
+    examples: int | None = Field(description="images it was added from; null for a trained one")
+
+
+class ClassList(BaseModel):
+    """Every class, trained ones first."""
+
+    classes: list[ClassInfo]
+    classifier: str = Field(description="version of the classifier (see /classify)")
 
 
 def file_url(item_id: int | None) -> str | None:
@@ -84,6 +107,8 @@ class Health(BaseModel):
     unknown_threshold: UnknownThreshold = Field(
         description="below which top-1 score /classify answers 'unknown', and why"
     )
+    added_classes: int = Field(description="classes added from examples (POST /classes)")
+    classifier: str = Field(description="version of the classifier (see /classify)")
 
 
 class UnknownThreshold(BaseModel):

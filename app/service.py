@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
 from app.batching import single_threaded_torch
-from app.errors import ImageFileMissing
+from app.errors import ImageFileMissing, NoIndex
 from app.settings import Settings
 from app.thumbnails import Thumbnails
 from index.errors import ItemNotFound
 from index.gallery import GalleryIndex
 from index.store import Item
+from models import imprint
 from models.bundle import Bundle
 from models.explain import Explainer
+from models.imprint import AddedClass, Classifier
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +33,29 @@ class Service:
     gallery: GalleryIndex | None
     thumbnails: Thumbnails = field(default_factory=Thumbnails, repr=False)
     _creating: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _changing_classes: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    classifier: Classifier = field(init=False)  # trained and added classes
+
+    def __post_init__(self) -> None:
+        bundle = self.bundle
+        trained = Classifier.of(bundle.config.classes, bundle.net.classifier, bundle.fingerprint)
+        kept = imprint.load(self.gallery.added_classes()) if self.gallery is not None else []
+        self.classifier = trained.replaced(kept)  # replaced whole on a change: read lock-free
+
+    def change_classes(self, change: Callable[[Classifier], list[AddedClass]]) -> Classifier:
+        """The added classes as change makes them from the current ones, kept with the
+        collection (durably, before they answer), then served."""
+        with self._changing_classes:
+            gallery = self.collection()
+            if gallery is None:
+                raise NoIndex(
+                    "added classes are kept with the collection, and none is configured: "
+                    "start the service with --index DIR"
+                )
+            added = change(self.classifier)
+            gallery.keep_added_classes(imprint.dump(added))
+            self.classifier = self.classifier.replaced(added)
+            return self.classifier
 
     @cached_property
     def explainer(self) -> Explainer:

@@ -39,6 +39,7 @@ from index.vectors import VectorIndex
 log = logging.getLogger(__name__)
 
 MAX_INDEX_MEMORY = "max_index_memory"  # the meta key of the collection's memory limit
+ADDED_CLASSES = "added_classes"  # the meta key of the classes added from examples
 
 
 @dataclass(frozen=True)
@@ -310,6 +311,16 @@ class GalleryIndex:
     def known_contents(self) -> set[str]:
         """The content hashes of every item."""
         return self.store.sha256s()
+
+    def added_classes(self) -> str | None:
+        """The classes added from examples (models/imprint.py's JSON), kept with the collection
+        so that they follow it: a restart, a backup, every process that opens it."""
+        return self.store.meta().get(ADDED_CLASSES)
+
+    def keep_added_classes(self, text: str) -> None:
+        """Replace the added classes, durably (answered after the commit)."""
+        with self._lock.write(), disk_full_refused("the change of classes"):
+            self.store.set_meta({ADDED_CLASSES: text})
 
     def contents_by_path(self) -> dict[str, str | None]:
         """Each item's path with its content hash."""

@@ -1,0 +1,200 @@
+"""Classes added from a few examples without retraining (POST /classes and friends), and
+/classify?by=neighbours."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from app.main import create_app
+from app.settings import Settings
+from app.stages import index_folder
+from models.bundle import Bundle
+from models.imprint import MAX_NAME_LENGTH, Classifier, added_from, neighbour_vote
+from models.layout import BundleLayout
+from tests.synthetic import noise_png
+
+KEY = "a-key-for-the-tests-0123456789"
+
+
+@pytest.fixture
+def bundle_dir(trained_bundle_dir: Path, shapes_dir: Path, tmp_path: Path) -> Path:
+    """A private copy of the trained bundle, with an index of the shapes."""
+    directory = tmp_path / "bundle"
+    directory.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(trained_bundle_dir / name, directory / name)
+    index_folder(
+        shapes_dir, Bundle.load(directory, "cpu"), BundleLayout(directory).index, workers=0
+    )
+    return directory
+
+
+@pytest.fixture
+def serve(bundle_dir: Path) -> Callable[..., TestClient]:
+    def make(**values: object) -> TestClient:
+        return TestClient(create_app(Settings(bundle_dir=bundle_dir, device="cpu", **values)))
+
+    return make
+
+
+@pytest.fixture
+def client(serve: Callable[..., TestClient]) -> Iterator[TestClient]:
+    with serve() as client:
+        yield client
+
+
+def files(*pngs: bytes) -> list[tuple[str, tuple[str, bytes, str]]]:
+    return [("files", (f"{i}.png", png, "image/png")) for i, png in enumerate(pngs)]
+
+
+def classify(client: TestClient, png: bytes, **params: object) -> dict:
+    answer = client.post("/classify", files={"file": ("q.png", png)}, params=params)
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
+def test_a_class_from_one_image_answers_at_once_and_survives_a_restart(
+    client: TestClient, serve: Callable[..., TestClient]
+) -> None:
+    example = noise_png(7)
+    before = classify(client, example)
+    health = client.get("/health").json()
+    assert before["classifier"] == before["model"] == health["classifier"]
+    assert health["added_classes"] == 0
+
+    added = client.post("/classes", data={"name": "noise"}, files=files(example))
+    assert added.status_code == 201, added.text
+    listing = added.json()
+    assert listing["classes"][-1] == {"name": "noise", "source": "added", "examples": 1}
+    assert [c["source"] for c in listing["classes"][:-1]] == ["trained"] * 4
+
+    after = classify(client, example)  # its own example: cosine 1, above every trained row
+    assert after["label"] == "noise" and after["method"] == "classifier"
+    assert after["model"] == before["model"]  # the embedding, so the index, is unchanged
+    assert after["classifier"] != before["classifier"] == after["model"]
+    assert (
+        after["classifier"] == listing["classifier"] == client.get("/health").json()["classifier"]
+    )
+    assert sum(p["score"] for p in classify(client, example, top_k=5)["predictions"]) == (
+        pytest.approx(1, abs=1e-5)
+    )
+
+    client.close()
+    with serve() as restarted:  # kept with the collection
+        assert restarted.get("/classes").json() == listing
+        assert classify(restarted, example)["label"] == "noise"
+
+
+def test_examples_from_stored_images_move_the_row_to_the_mean(client: TestClient) -> None:
+    client.post("/classes", data={"name": "noise"}, files=files(noise_png(1)))
+    circles = client.get("/images", params={"label": "circle", "limit": 3}).json()["images"]
+    ids = [image["id"] for image in circles]
+    grown = client.post("/classes/noise/examples", data={"ids": ids}, files=files(noise_png(2)))
+    assert grown.status_code == 200, grown.text
+    assert grown.json()["classes"][-1] == {"name": "noise", "source": "added", "examples": 5}
+    missing = client.post("/classes/noise/examples", data={"ids": [10**9]})
+    assert missing.status_code == 404 and str(10**9) in missing.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    ("name", "status"),
+    [
+        ("", 422),
+        ("   ", 422),
+        ("unknown", 422),
+        ("x" * (MAX_NAME_LENGTH + 1), 422),
+        ("circle", 409),
+    ],
+)
+def test_names_are_checked(client: TestClient, name: str, status: int) -> None:
+    answer = client.post("/classes", data={"name": name}, files=files(noise_png(1)))
+    assert answer.status_code == status and answer.json()["detail"]
+    assert len(client.get("/classes").json()["classes"]) == 4  # nothing added
+
+
+def test_what_cannot_change_is_refused_with_a_reason(client: TestClient) -> None:
+    assert client.post("/classes", data={"name": "a"}).status_code == 422  # no examples
+    assert client.post("/classes", data={"name": "a"}, files=files(noise_png(1))).status_code == 201
+    again = client.post("/classes", data={"name": "a"}, files=files(noise_png(2)))
+    assert again.status_code == 409 and "already" in again.json()["detail"]
+    assert client.delete("/classes/circle").status_code == 409  # trained
+    assert client.post("/classes/circle/examples", files=files(noise_png(3))).status_code == 409
+    assert client.delete("/classes/b").status_code == 404
+    assert client.post("/classes/b/examples", files=files(noise_png(3))).status_code == 404
+    assert client.delete("/classes/a").status_code == 204
+    assert [c["name"] for c in client.get("/classes").json()["classes"]] == [
+        "circle",
+        "square",
+        "star",
+        "triangle",
+    ]
+    assert classify(client, noise_png(1))["classifier"] == classify(client, noise_png(1))["model"]
+
+
+def test_writes_need_the_key(serve: Callable[..., TestClient]) -> None:
+    with serve(api_key=KEY) as keyed:
+        refused = keyed.post("/classes", data={"name": "a"}, files=files(noise_png(1)))
+        assert refused.status_code == 401
+        assert keyed.delete("/classes/a").status_code == 401
+        assert keyed.get("/classes").status_code == 200  # reads are open
+        headers = {"Authorization": f"Bearer {KEY}"}
+        added = keyed.post(
+            "/classes", data={"name": "a"}, files=files(noise_png(1)), headers=headers
+        )
+        assert added.status_code == 201
+
+
+def test_a_linear_head_cannot_take_examples(
+    untrained_bundle: Callable[[Path], Path], tmp_path: Path
+) -> None:
+    settings = Settings(bundle_dir=untrained_bundle(tmp_path / "b"), device="cpu")
+    with TestClient(create_app(settings)) as client:
+        answer = client.post("/classes", data={"name": "a"}, files=files(noise_png(1)))
+        assert answer.status_code == 409 and "by=neighbours" in answer.json()["detail"]
+
+
+def test_neighbours_vote_with_the_collection_labels(client: TestClient, shapes_dir: Path) -> None:
+    star = next((shapes_dir / "star").glob("*.png")).read_bytes()
+    answer = classify(client, star, by="neighbours", k=5)
+    assert answer["method"] == "neighbours" and answer["label"] == "star"  # itself is stored
+    assert sum(p["score"] for p in answer["predictions"]) == pytest.approx(1)
+    # An image added with a new label votes at once.
+    added = client.post("/images", data={"label": "noise"}, files=files(noise_png(4)))
+    assert added.status_code == 201
+    assert classify(client, noise_png(4), by="neighbours", k=1)["label"] == "noise"
+
+
+def test_imprinted_rows_are_normalised_means_on_the_trained_scale() -> None:
+    rng = np.random.default_rng(0)
+    unit = rng.normal(size=(3, 8)).astype(np.float32)
+    unit /= np.linalg.norm(unit, axis=1, keepdims=True)
+    added = added_from("new", unit[:2])
+    expected = unit[:2].mean(0) / np.linalg.norm(unit[:2].mean(0))
+    np.testing.assert_allclose(added.weight, expected, atol=1e-6)
+    grown = added.with_examples(unit[2:])
+    np.testing.assert_allclose(grown.weight, _normalised(unit.mean(0)), atol=1e-6)
+    classifier = Classifier(("a",), (added,), 0.05, "f")
+    logits = np.asarray([[0.3 / 0.05]], np.float32)  # a trained row at cosine 0.3
+    probabilities = classifier.probabilities(logits, unit[:1])
+    cosine = float(unit[0] @ added.weight)
+    assert probabilities[0, 1] / probabilities[0, 0] == pytest.approx(
+        np.exp((cosine - 0.3) / 0.05), rel=1e-4
+    )
+
+
+def _normalised(vector: np.ndarray) -> np.ndarray:
+    return vector / np.linalg.norm(vector)
+
+
+def test_neighbour_vote_shares() -> None:
+    assert neighbour_vote(["a", "b", None, "a"], [0.5, 0.3, 0.9, 0.2]) == pytest.approx(
+        {"a": 0.7, "b": 0.3}
+    )
+    assert neighbour_vote([None], [0.9]) == {}
+    assert neighbour_vote(["a", "b"], [-0.1, -0.2]) == {"a": 0.5, "b": 0.5}
