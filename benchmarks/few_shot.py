@@ -1,0 +1,192 @@
+"""New classes from a few images, without retraining: imprinting and the neighbour vote against
+retraining with every class, on the quality benchmark (benchmarks/quality.py's split).
+
+Per seed: the quality split of the 10 Tux Paint categories; the model is trained with the
+defaults on all but HELD_OUT; then each held-out class is added from K of its training images
+(K = 1, 5, 10, drawn with the seed), by imprinting (POST /classes: the normalised mean of the
+examples' embeddings as a classifier row) and by the neighbour vote (/classify?by=neighbours:
+the 10 nearest of the trained classes' training images and the K examples, similarity-weighted).
+Top-1 over all 10 classes on the held-out test drawings, for the new classes and for the trained
+ones, against the trained classes' top-1 before any class was added, and against the model
+trained with every class (the quality benchmark's defaults row: reused from --reuse when its
+bundle is there, else trained here).
+
+    python -m benchmarks.few_shot [--seeds 0 1 2] [--reuse /tmp/imgsim-quality]
+
+Writes benchmarks/few_shot.md (results kept in benchmarks/few_shot.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import shutil
+import statistics
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.machine import cpu_model
+from benchmarks.quality import DEFAULTS, TEST_SHARE, categories
+from benchmarks.transfer import STAMPS, copy_split
+from models.bundle import Bundle
+from models.data import find_images
+from models.imprint import Classifier, added_from, neighbour_vote
+from models.layout import BundleLayout
+from models.training import TrainConfig, train
+from models.workers import preload_in_workers
+
+HERE = Path(__file__).parent
+RESULTS = HERE / "few_shot.json"
+BACKBONE = "efficientnet_lite0"
+HELD_OUT = ("food", "plants", "vehicles")  # mid-sized categories, unlike one another
+SHOTS = (1, 5, 10)
+VOTERS = 10  # neighbours in the vote, /classify's default k
+
+
+def encode(
+    bundle: Bundle, folder: Path, classes: list[str]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Embeddings and logits of every image of these class folders, and each one's class."""
+    paths = [p for name in classes for p in find_images(folder / name)]
+    encoded = bundle.encode(paths, workers=2)
+    labels = np.asarray([p.parent.name for p in paths])
+    return encoded.embeddings, encoded.logits, labels
+
+
+def run_seed(seed: int, stamps: Path, work: Path, reuse: Path | None) -> dict:
+    classes = categories(stamps)
+    trained = [c for c in classes if c not in HELD_OUT]
+    data, test = copy_split(stamps, work / f"data-{seed}", TEST_SHARE, seed, classes)
+    part = work / f"trained-{seed}"  # the training folders of the trained classes only
+    shutil.rmtree(part, ignore_errors=True)
+    for name in trained:
+        shutil.copytree(data / name, part / name)
+    config = TrainConfig(backbone=BACKBONE, device="cpu", seed=seed, **DEFAULTS)
+    few = work / f"bundle-{seed}"
+    if not BundleLayout(few).weights.is_file():
+        train(part, few, config)
+    every = reuse / f"letterbox_multi-similarity-{seed}" if reuse else None  # its defaults row
+    if every is None or not BundleLayout(every).weights.is_file():
+        every = work / f"all-classes-{seed}"
+        if not BundleLayout(every).weights.is_file():
+            train(data, every, config)
+
+    bundle = Bundle.load(few, "cpu")
+    bundle.use_runtime("auto")
+    test_emb, test_logits, test_labels = encode(bundle, test, classes)
+    train_emb, _, train_labels = encode(bundle, data, classes)
+    new = np.isin(test_labels, HELD_OUT)
+    base = Classifier.of(bundle.config.classes, bundle.net.classifier, bundle.fingerprint)
+    before = np.asarray(base.names)[test_logits.argmax(1)]
+    result = {"trained before": float((before == test_labels)[~new].mean())}
+
+    rng = random.Random(seed)
+    for shots in SHOTS:
+        examples = {
+            name: rng.sample(list(np.flatnonzero(train_labels == name)), shots) for name in HELD_OUT
+        }
+        added = [added_from(name, train_emb[rows]) for name, rows in examples.items()]
+        classifier = base.replaced(added)
+        chosen = np.asarray(classifier.names)[
+            classifier.probabilities(test_logits, test_emb).argmax(1)
+        ]
+        result[f"imprint {shots} new"] = float((chosen == test_labels)[new].mean())
+        result[f"imprint {shots} trained"] = float((chosen == test_labels)[~new].mean())
+        voters = np.concatenate(
+            [np.flatnonzero(~np.isin(train_labels, HELD_OUT)), *examples.values()]
+        )
+        voted = _vote(test_emb, train_emb[voters], train_labels[voters])
+        result[f"vote {shots} new"] = float((voted == test_labels)[new].mean())
+        result[f"vote {shots} trained"] = float((voted == test_labels)[~new].mean())
+
+    retrained = Bundle.load(every, "cpu")
+    retrained.use_runtime("auto")
+    emb, logits, labels = encode(retrained, test, classes)
+    answers = np.asarray(retrained.config.classes)[logits.argmax(1)]
+    held = np.isin(labels, HELD_OUT)
+    result["retrained new"] = float((answers == labels)[held].mean())
+    result["retrained trained"] = float((answers == labels)[~held].mean())
+    return result
+
+
+def _vote(queries: np.ndarray, gallery: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """The neighbour vote of each query among the gallery's VOTERS nearest (inner product)."""
+    scores = queries @ gallery.T
+    nearest = np.argsort(-scores, axis=1)[:, :VOTERS]
+    answers = []
+    for row, order in zip(scores, nearest, strict=True):
+        votes = neighbour_vote(list(labels[order]), list(row[order]))
+        answers.append(next(iter(votes)))
+    return np.asarray(answers)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--stamps", type=Path, default=STAMPS)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/imgsim-few-shot"))
+    parser.add_argument("--reuse", type=Path, help="the quality benchmark's --work folder")
+    parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pyvips").setLevel(logging.WARNING)
+    preload_in_workers("benchmarks.quality", "models.training")
+    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    for seed in args.seeds:
+        if f"{seed}" not in results:
+            results[f"{seed}"] = run_seed(seed, args.stamps, args.work, args.reuse)
+            RESULTS.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+    write_table(results)
+
+
+def _cell(runs: list[dict], key: str) -> str:
+    values = [100 * run[key] for run in runs]
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.1f} ± {spread:.1f}"
+
+
+def write_table(results: dict) -> None:
+    runs = list(results.values())
+    retrained = _cell(runs, "retrained new")
+    lines = [
+        "# New classes from a few images (imprinting and the neighbour vote)",
+        "",
+        "`python -m benchmarks.few_shot --reuse /tmp/imgsim-quality` (results kept in "
+        "`few_shot.json`)",
+        "",
+        f"- The quality benchmark's split (`quality.md`), {len(runs)} seeds; {BACKBONE} trained "
+        f"with the defaults on 7 categories; {', '.join(HELD_OUT)} held out, then added from K "
+        "of their training images each. Top-1 over all 10 categories on the held-out test "
+        "drawings, mean ± standard deviation over the seeds, in per cent.",
+        f"- Imprinting: the examples' normalised mean as a cosine-classifier row. Vote: the "
+        f"{VOTERS} nearest among the trained categories' training images and the examples, "
+        "similarity-weighted. Retrained: the model trained with all 10 categories "
+        "(the quality benchmark's defaults row).",
+        f"- The trained categories' top-1 before any was added: "
+        f"{_cell(runs, 'trained before')}; with every category trained: "
+        f"{_cell(runs, 'retrained trained')}. The new categories' top-1 when retrained: "
+        f"{retrained}.",
+        f"- CPU only, {os.cpu_count()} cores, {cpu_model()}.",
+        "",
+        "| method | examples | new categories | against retraining | trained categories |",
+        "|---|---|---|---|---|",
+    ]
+    for method in ("imprint", "vote"):
+        for shots in SHOTS:
+            share = statistics.mean(r[f"{method} {shots} new"] for r in runs) / statistics.mean(
+                r["retrained new"] for r in runs
+            )
+            lines.append(
+                f"| {'imprinting' if method == 'imprint' else 'neighbour vote'} | {shots} "
+                f"| {_cell(runs, f'{method} {shots} new')} | {100 * share:.0f} % "
+                f"| {_cell(runs, f'{method} {shots} trained')} |"
+            )
+    (HERE / "few_shot.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
