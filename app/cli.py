@@ -48,6 +48,7 @@ collection with FAISS, and serve POST /classify and POST /similar.
   imgsim serve  --model BUNDLE              serve it on http://127.0.0.1:8000 (docs at /docs)
   imgsim backup INDEX_DIR DEST              copy an index consistently, even while served
   imgsim quantize BUNDLE                    int8 model for --runtime onnx-int8 / openvino-int8
+  imgsim classes add NAME DIR --model B     a new class from a few images, without retraining
   imgsim demo                               sample data -> train -> index -> serve
 """
 
@@ -342,6 +343,35 @@ def _run_quantize(args: argparse.Namespace) -> None:
     )
 
 
+def _classes_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action", choices=("add", "list", "remove"))
+    parser.add_argument("name", nargs="?", metavar="NAME", help="the class (add, remove)")
+    parser.add_argument(
+        "images", nargs="?", type=Path, metavar="DIR", help="its example images (add)"
+    )
+    _path(parser, "--model", "BUNDLE", "trained bundle folder")
+    _path(parser, "--index", "DIR", "the collection (default: BUNDLE/index)")
+    add_options(parser, ("workers",))
+
+
+def _run_classes(args: argparse.Namespace) -> None:
+    from app.classes_cli import change_classes
+
+    if args.model is None or (args.action != "list" and args.name is None):
+        raise DatasetError(
+            "imgsim classes needs --model BUNDLE, and a NAME to add or remove: e.g. "
+            "'imgsim classes add NAME DIR --model BUNDLE'."
+        )
+    if args.action == "add" and args.images is None:
+        raise DatasetError("imgsim classes add needs the folder of example images: NAME DIR.")
+    classifier = change_classes(
+        args.action, args.model, args.index, args.name, args.images, args.workers
+    )
+    for added in classifier.added:
+        print(f"{added.name}\tadded from {added.examples} image(s)")
+    print(f"{len(classifier.trained)} trained classes; classifier {classifier.version}")
+
+
 def _demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--workdir",
@@ -412,6 +442,15 @@ COMMANDS: dict[str, tuple[str, str, Callable[[argparse.ArgumentParser], None], C
         "openvino-int8' (or onnx-int8) would make it on first start too.",
         _quantize_arguments,
         _run_quantize,
+    ),
+    "classes": (
+        "add a class from a few example images, without retraining",
+        "add NAME DIR: a class whose classifier row is the mean embedding of the images in DIR "
+        "(a few are enough), kept with the collection as POST /classes does; add to an added "
+        "class for more examples; list; remove NAME. A running server sees it after a "
+        "restart.",
+        _classes_arguments,
+        _run_classes,
     ),
     "demo": (
         "the built-in default: sample data, train, serve",

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from app.cli import main
 from app.main import create_app
 from app.settings import Settings
 from app.stages import index_folder
@@ -198,3 +199,35 @@ def test_neighbour_vote_shares() -> None:
     )
     assert neighbour_vote([None], [0.9]) == {}
     assert neighbour_vote(["a", "b"], [-0.1, -0.2]) == {"a": 0.5, "b": 0.5}
+
+
+def test_the_cli_adds_lists_and_removes_classes_offline(
+    bundle_dir: Path,
+    shapes_dir: Path,
+    serve: Callable[..., TestClient],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    examples = tmp_path / "noise"
+    examples.mkdir()
+    for seed in range(3):
+        (examples / f"{seed}.png").write_bytes(noise_png(seed))
+    (examples / "broken.png").write_bytes(b"not a png")
+    model = ["--model", str(bundle_dir), "--workers", "0"]
+    assert main(["classes", "add", "noise", str(examples), *model]) == 0
+    assert "noise\tadded from 3 image(s)" in capsys.readouterr().out
+    with serve() as client:  # the server started after it sees it
+        assert client.get("/classes").json()["classes"][-1]["examples"] == 3
+        assert classify(client, noise_png(1))["label"] == "noise"
+    assert main(["classes", "add", "noise", str(shapes_dir / "star"), *model]) == 0  # more
+    assert "noise\tadded from 13 image(s)" in capsys.readouterr().out
+
+    assert main(["classes", "add", "circle", str(examples), *model]) == 2  # a trained class
+    err = capsys.readouterr().err
+    assert "already a class named 'circle'" in err and "Traceback" not in err
+    assert main(["classes", "remove", "gone", *model]) == 2
+    assert "no added class named 'gone'" in capsys.readouterr().err
+    assert main(["classes", "remove", "noise", *model]) == 0
+    assert main(["classes", "list", *model]) == 0
+    listed = capsys.readouterr().out
+    assert "noise" not in listed and "4 trained classes" in listed
