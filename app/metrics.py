@@ -98,6 +98,8 @@ class _Served(Collector):
         bundle, gallery = self.service.bundle, self.service.gallery
         labels = {
             "fingerprint": bundle.fingerprint,
+            "classifier": self.service.classifier.version,  # changes as classes are added
+            "added_classes": str(len(self.service.classifier.added)),
             "backbone": bundle.config.backbone,
             "runtime": bundle.runtime.name,  # the one in use: auto resolved
             "device": bundle.device,

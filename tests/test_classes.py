@@ -82,6 +82,8 @@ def test_a_class_from_one_image_answers_at_once_and_survives_a_restart(
     assert (
         after["classifier"] == listing["classifier"] == client.get("/health").json()["classifier"]
     )
+    metrics = client.get("/metrics").text
+    assert f'classifier="{after["classifier"]}"' in metrics and 'added_classes="1"' in metrics
     assert sum(p["score"] for p in classify(client, example, top_k=5)["predictions"]) == (
         pytest.approx(1, abs=1e-5)
     )

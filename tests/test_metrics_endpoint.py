@@ -64,6 +64,7 @@ def test_metrics_count_the_requests_just_made(
         dict(name_labels) for (name, name_labels), _ in got.items() if name == "imgsim_model_info"
     )
     assert info["fingerprint"] == bundle.fingerprint == info["index_model"]
+    assert info["classifier"] == bundle.fingerprint and info["added_classes"] == "0"
     assert info["backbone"] == "resnet18" and info["runtime"] == "openvino"  # auto, on the CPU
     assert info["index_type"] == "Flat" and info["index_version"] == "40"
     assert all(name.startswith("imgsim_") for name, _ in got)
