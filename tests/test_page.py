@@ -170,3 +170,38 @@ def test_the_page_fits_a_phone(
     page.evaluate("window.scrollTo(0, 0)")
     screenshot(page, "page-phone.png", tmp_path, full_page=False)
     page.close()
+
+
+def test_a_new_class_from_search_results_and_from_files(
+    server: str, browser: object, shapes_dir: Path, tmp_path: Path
+) -> None:
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(server)
+    page.fill("#api-key", KEY)
+    search_by_upload(page, next((shapes_dir / "star").glob("*.png")))
+    page.fill("#class-name", "starlike")
+    page.check("#class-from-results")
+    page.click("#class-form button[type=submit]")
+    page.wait_for_function("document.querySelector('#class-status').textContent.includes('Added')")
+    added = page.text_content("#added-classes")  # in the closed classes panel
+    assert "starlike" in added and "added from 12 image(s)" in added  # the 12 neighbours shown
+    # The search ran again: the classifier answers with the new class.
+    names = "[...document.querySelectorAll('#predictions .name')].map(e => e.textContent)"
+    page.wait_for_function(f"{names}.includes('starlike')")
+
+    image = tmp_path / "noise.png"
+    image.write_bytes(noise_png(5, 64))
+    page.fill("#class-name", "starlike")  # taken: said, nothing added
+    page.set_input_files("#class-files", str(image))
+    page.click("#class-form button[type=submit]")
+    page.wait_for_function(
+        "document.querySelector('#class-status').textContent.includes('already')"
+    )
+    page.fill("#class-name", "speckles")
+    page.set_input_files("#class-files", str(image))
+    page.click("#class-form button[type=submit]")
+    page.wait_for_function(
+        "document.querySelector('#added-classes').textContent.includes('speckles')"
+    )
+    assert page.text_content("#class-count") == "6"
+    page.close()

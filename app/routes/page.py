@@ -11,6 +11,7 @@ from app.dependencies import ServiceDep
 from app.routes.classify import describe
 from app.schemas import IndexInfo
 from app.thumbnails import DEFAULT_SIZE
+from models.imprint import MAX_NAME_LENGTH
 
 router = APIRouter()
 templates = Jinja2Templates(
@@ -32,6 +33,9 @@ def page(request: Request, service: ServiceDep) -> HTMLResponse:
             "index": IndexInfo(**gallery.info()) if gallery is not None else None,
             "classes": classes[:SHOWN_CLASSES],
             "more_classes": max(0, len(classes) - SHOWN_CLASSES),
+            "added_classes": service.classifier.added,
+            "can_add_classes": service.classifier.can_imprint,
+            "max_class_name": MAX_NAME_LENGTH,
             "duplicate_threshold": service.settings.duplicate_threshold,
             "thumbnail_size": DEFAULT_SIZE,
         },

@@ -8,7 +8,7 @@ const THUMB = parseInt(config.thumbnailSize, 10);
 const PAGE = 24;
 const KEY_STORE = "imgsim-api-key";
 
-const state = { file: null, name: "", item: null, galleryOffset: 0, galleryTotal: 0 };
+const state = { file: null, name: "", item: null, galleryOffset: 0, galleryTotal: 0, neighbours: [] };
 
 // -- small helpers -------------------------------------------------------------------------
 
@@ -113,6 +113,7 @@ function showClasses(body) {
 }
 
 function showNeighbours(neighbours) {
+  state.neighbours = neighbours;
   $("#neighbours-section").hidden = false;
   if (!neighbours.length) {
     $("#neighbours").replaceChildren(el("li", { class: "muted" }, "No image matches this filter."));
@@ -262,6 +263,34 @@ async function add(event) {
   }
 }
 
+// A class from a few images: uploads, or the search results shown (their stored ids).
+async function addClass(event) {
+  event.preventDefault();
+  const status = $("#class-status");
+  const name = $("#class-name").value.trim();
+  const form = new FormData();
+  form.append("name", name);
+  for (const file of $("#class-files").files) form.append("files", file, file.name);
+  if ($("#class-from-results").checked) for (const n of state.neighbours) form.append("ids", n.id);
+  if (!form.has("files") && !form.has("ids")) {
+    say(status, "Pick images, or tick 'from the search results' after a search.", true);
+    return;
+  }
+  say(status, "Adding the class…");
+  try {
+    const body = await (await call("/classes", { method: "POST", body: form, headers: keyHeaders() })).json();
+    const added = body.classes.filter((c) => c.source === "added");
+    $("#added-classes").replaceChildren(...added.map((c) => el("li", { class: "added" },
+      `${c.name} `, el("span", { class: "muted" }, `added from ${c.examples} image(s)`))));
+    $("#class-count").textContent = body.classes.length;
+    say(status, `Added "${name}"; /classify answers with it now.`);
+    $("#class-form").reset();
+    if (state.file) search();
+  } catch (error) {
+    say(status, error.status === 401 ? "Enter the API key (under Add images) to add classes." : `Could not add the class: ${error.message}`, true);
+  }
+}
+
 // -- wiring ----------------------------------------------------------------------------------
 
 function firstImage(items) {
@@ -311,6 +340,8 @@ $("#prev").addEventListener("click", () => loadGallery(state.galleryOffset - PAG
 $("#next").addEventListener("click", () => loadGallery(state.galleryOffset + PAGE));
 const addForm = $("#add-form");
 if (addForm) addForm.addEventListener("submit", add);
+const classForm = $("#class-form");
+if (classForm) classForm.addEventListener("submit", addClass);
 const keyField = $("#api-key");
 if (keyField) keyField.value = sessionStorage.getItem(KEY_STORE) || "";
 loadGallery(0);
