@@ -30,7 +30,7 @@ from pathlib import Path
 
 from app.stages import evaluate_folder, index_folder
 from benchmarks.machine import cpu_model
-from benchmarks.transfer import STAMPS, copy_split
+from benchmarks.transfer import LEVERS, STAMPS, copy_split, write_section
 from models.bundle import Bundle
 from models.data import find_images
 from models.layout import BundleLayout
@@ -174,6 +174,52 @@ def write_table(results: dict, classes: list[str], stamps: Path) -> None:
         lines.append(f"| {name} | {shown} | {len(runs)} | {' | '.join(cells)} | {train_s:.0f} |")
     (HERE / "quality.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    write_section(LEVERS, levers(results))
+
+
+BASELINE = "letterbox, multi-similarity (defaults)"
+COMPARED = (("top1", "top-1"), ("recall@1", "R@1"), ("map@r", "MAP@R"))
+
+
+def levers(results: dict) -> list[str]:
+    """Each fine-tuning row against the defaults: a metric pays or costs only where the means
+    differ by more than the larger of the two spreads."""
+    base = list(results.get(BASELINE, {}).values())
+    lines = [
+        "`python -m benchmarks.quality` (every column and the frozen rows: `quality.md`). Each "
+        f"row against `{BASELINE}`: a change counts only beyond the larger of the two standard "
+        "deviations over the seeds.",
+        "",
+        "| row | n | top-1 | R@1 | MAP@R | train s | against the defaults |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, (kind, _) in ROWS.items():
+        runs = list(results.get(name, {}).values())
+        if kind != "fine-tune" or not runs or not base:
+            continue
+        cells = [_cell([run[m] for run in runs]) for m, _ in COMPARED]
+        said = [] if name == BASELINE else _verdict(runs, base)
+        train_s = statistics.mean(run["train_s"] for run in runs)
+        lines.append(
+            f"| {name} | {len(runs)} | {' | '.join(cells)} | {train_s:.0f} "
+            f"| {', '.join(said) or ('-' if name == BASELINE else 'within the spread')} |"
+        )
+    return lines
+
+
+def _verdict(runs: list[dict], base: list[dict]) -> list[str]:
+    said = []
+    for metric, shown in COMPARED:
+        ours, theirs = [100 * r[metric] for r in runs], [100 * r[metric] for r in base]
+        spread = max(_sd(ours), _sd(theirs))
+        gap = statistics.mean(ours) - statistics.mean(theirs)
+        if abs(gap) > spread:
+            said.append(f"{shown} {gap:+.1f}")
+    return said
+
+
+def _sd(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 if __name__ == "__main__":
