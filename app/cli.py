@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _common(parser: argparse.ArgumentParser, **defaults: object) -> None:
+    # IMGSIM_BACKBONE, which serve reads (the image sets it), is every command's default too.
+    if os.environ.get("IMGSIM_BACKBONE") and "backbone" not in defaults:
+        defaults["backbone"] = os.environ["IMGSIM_BACKBONE"]
     add_options(parser, COMMON, **defaults)
 
 

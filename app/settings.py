@@ -117,6 +117,12 @@ class Settings(BaseSettings):
         16, gt=0, description="images waiting for the model at most; beyond it: 503 + Retry-After"
     )
 
+    @field_validator("bundle_dir", "index_dir", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        # IMGSIM_BUNDLE_DIR= (set, empty: compose's way to unset it) means none.
+        return None if value == "" else value
+
     @field_validator("bundle_dir")
     @classmethod
     def _bundle_exists(cls, value: Path | None) -> Path | None:

@@ -54,7 +54,13 @@ def test_dockerfile_fetches_weights_runs_unprivileged_and_checks_health(name: st
     assert "imgsim demo --no-serve --workdir /opt/demo" in text
     final = text[text.rindex("\nFROM ") :]  # the stage that ships: copies, no build tools
     assert "AS build" not in final and "pip install" not in final and "apt-get" not in final
-    assert "COPY --from=build /opt/venv" in final and "COPY --from=build /opt/torch" in final
+    assert "COPY --from=build /opt/venv" in final
+    # The weights' cache exists for every backbone (a Lite one downloads nothing) and is the
+    # user's, who may download into it.
+    assert "RUN mkdir -p /opt/torch && python -c" in text
+    assert "COPY --from=build --chown=10001:10001 /opt/torch /opt/torch" in final
+    assert "ARG TORCH_INDEX=" in text and '--index-url "${TORCH_INDEX}"' in text
+    assert "IMGSIM_CACHE_DIR=/data/cache" in final
     assert "IMGSIM_BUNDLE_DIR=/opt/demo/bundle" in final and "IMGSIM_HOST=0.0.0.0" in final
     assert "\nUSER 10001" in final and "HEALTHCHECK" in final and "/health" in final
     assert '"app.main:create_app"' in final and "--factory" in final
@@ -62,7 +68,8 @@ def test_dockerfile_fetches_weights_runs_unprivileged_and_checks_health(name: st
 
 def test_the_cuda_image_installs_cuda_wheels() -> None:
     text = (ROOT / "Dockerfile.cuda").read_text()
-    assert "download.pytorch.org/whl/${CUDA_WHEELS}" in text and "ARG CUDA_WHEELS=cu" in text
+    assert "ARG TORCH_INDEX=https://download.pytorch.org/whl/${CUDA_WHEELS}" in text
+    assert "ARG CUDA_WHEELS=cu" in text
     assert "NVIDIA_VISIBLE_DEVICES=all" in text
 
 
@@ -83,7 +90,8 @@ def test_compose_file_is_valid_compose_spec() -> None:
     for service in (cpu, gpu):
         assert "8000:8000" in service["ports"] and "imgsim-data:/data" in service["volumes"]
         bundle = service["environment"]["IMGSIM_BUNDLE_DIR"]
-        assert bundle == "${IMGSIM_BUNDLE_DIR:-/opt/demo/bundle}"  # the image's demo bundle
+        # Unset: the image's demo bundle; set empty: none (the ImageNet model), not the demo.
+        assert bundle == "${IMGSIM_BUNDLE_DIR-/opt/demo/bundle}"
         assert "IMGSIM_API_KEY" in service["environment"]
     assert "profiles" not in cpu and cpu["build"].get("dockerfile", "Dockerfile") == "Dockerfile"
     assert gpu["profiles"] == ["gpu"] and gpu["build"]["dockerfile"] == "Dockerfile.cuda"
@@ -170,3 +178,14 @@ def test_the_containers_command_closes_connections_that_never_finish_their_heade
     finally:
         process.terminate()
         process.wait(30)
+
+
+def test_every_command_takes_imgsim_backbone_as_its_default() -> None:
+    """The image sets IMGSIM_BACKBONE for serve; train and index inside it use it too."""
+    env = {**os.environ, "IMGSIM_BACKBONE": "efficientnet_lite0"}
+    for command in ("train", "index"):
+        shown = subprocess.run(
+            [sys.executable, "-m", "app.cli", command, "--help"],
+            capture_output=True, text=True, env=env, check=True,
+        ).stdout  # fmt: skip
+        assert "(default: efficientnet_lite0)" in " ".join(shown.split()), command
