@@ -52,7 +52,8 @@ def change_classes(
         else:
             embeddings = _embeddings(bundle, folder, workers)
             if found is None:
-                added = [*current.added, added_from(name, embeddings)]
+                centre = gallery.mean_embedding()
+                added = [*current.added, added_from(name, embeddings, centre)]
             else:
                 added = [c.with_examples(embeddings) if c is found else c for c in current.added]
         gallery.keep_added_classes(imprint.dump(added))

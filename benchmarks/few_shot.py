@@ -3,9 +3,10 @@ retraining with every class, on the quality benchmark (benchmarks/quality.py's s
 
 Per seed: the quality split of the 10 Tux Paint categories; the model is trained with the
 defaults on all but HELD_OUT; then each held-out class is added from K of its training images
-(K = 1, 5, 10, drawn with the seed), by imprinting (POST /classes: the normalised mean of the
-examples' embeddings as a classifier row) and by the neighbour vote (/classify?by=neighbours:
-the 10 nearest of the trained classes' training images and the K examples, similarity-weighted).
+(K = 1, 5, 10, drawn with the seed), by imprinting (POST /classes: the examples' mean
+embedding less the collection's, normalised, as a classifier row) and by the neighbour vote
+(/classify?by=neighbours: the 10 nearest of the trained classes' training images and the K
+examples, similarity-weighted).
 Top-1 over all 10 classes on the held-out test drawings, for the new classes and for the trained
 ones, against the trained classes' top-1 before any class was added, and against the model
 trained with every class (the quality benchmark's defaults row: reused from --reuse when its
@@ -89,16 +90,17 @@ def run_seed(seed: int, stamps: Path, work: Path, reuse: Path | None) -> dict:
         examples = {
             name: rng.sample(list(np.flatnonzero(train_labels == name)), shots) for name in HELD_OUT
         }
-        added = [added_from(name, train_emb[rows]) for name, rows in examples.items()]
+        voters = np.concatenate(
+            [np.flatnonzero(~np.isin(train_labels, HELD_OUT)), *examples.values()]
+        )
+        centre = train_emb[voters].mean(0)  # the collection: trained images and the examples
+        added = [added_from(name, train_emb[rows], centre) for name, rows in examples.items()]
         classifier = base.replaced(added)
         chosen = np.asarray(classifier.names)[
             classifier.probabilities(test_logits, test_emb).argmax(1)
         ]
         result[f"imprint {shots} new"] = float((chosen == test_labels)[new].mean())
         result[f"imprint {shots} trained"] = float((chosen == test_labels)[~new].mean())
-        voters = np.concatenate(
-            [np.flatnonzero(~np.isin(train_labels, HELD_OUT)), *examples.values()]
-        )
         voted = _vote(test_emb, train_emb[voters], train_labels[voters])
         result[f"vote {shots} new"] = float((voted == test_labels)[new].mean())
         result[f"vote {shots} trained"] = float((voted == test_labels)[~new].mean())
@@ -161,7 +163,8 @@ def write_table(results: dict) -> None:
         f"with the defaults on 7 categories; {', '.join(HELD_OUT)} held out, then added from K "
         "of their training images each. Top-1 over all 10 categories on the held-out test "
         "drawings, mean ± standard deviation over the seeds, in per cent.",
-        f"- Imprinting: the examples' normalised mean as a cosine-classifier row. Vote: the "
+        "- Imprinting: the examples' mean less the collection's mean (the trained categories' "
+        "training images and the examples), normalised, as a cosine-classifier row. Vote: the "
         f"{VOTERS} nearest among the trained categories' training images and the examples, "
         "similarity-weighted. Retrained: the model trained with all 10 categories "
         "(the quality benchmark's defaults row).",

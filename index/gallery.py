@@ -312,6 +312,14 @@ class GalleryIndex:
         """The content hashes of every item."""
         return self.store.sha256s()
 
+    def mean_embedding(self) -> np.ndarray:
+        """The mean of every stored embedding (float64; zeros when there are none)."""
+        total, count = np.zeros(self.dim), 0
+        for _, vectors in self.store.embeddings(self.dim):
+            total += vectors.sum(0, dtype=np.float64)
+            count += len(vectors)
+        return total / max(count, 1)
+
     def added_classes(self) -> str | None:
         """The classes added from examples (models/imprint.py's JSON), kept with the collection
         so that they follow it: a restart, a backup, every process that opens it."""

@@ -16,7 +16,13 @@ from app.main import create_app
 from app.settings import Settings
 from app.stages import index_folder
 from models.bundle import Bundle
-from models.imprint import MAX_NAME_LENGTH, Classifier, added_from, neighbour_vote
+from models.imprint import (
+    MAX_NAME_LENGTH,
+    AddedClass,
+    Classifier,
+    added_from,
+    neighbour_vote,
+)
 from models.layout import BundleLayout
 from tests.synthetic import noise_png
 
@@ -177,11 +183,12 @@ def test_imprinted_rows_are_normalised_means_on_the_trained_scale() -> None:
     rng = np.random.default_rng(0)
     unit = rng.normal(size=(3, 8)).astype(np.float32)
     unit /= np.linalg.norm(unit, axis=1, keepdims=True)
-    added = added_from("new", unit[:2])
-    expected = unit[:2].mean(0) / np.linalg.norm(unit[:2].mean(0))
-    np.testing.assert_allclose(added.weight, expected, atol=1e-6)
-    grown = added.with_examples(unit[2:])
-    np.testing.assert_allclose(grown.weight, _normalised(unit.mean(0)), atol=1e-6)
+    centre = np.full(8, 0.1)
+    added = added_from("new", unit[:2], centre)
+    np.testing.assert_allclose(added.weight, _normalised(unit[:2].mean(0) - centre), atol=1e-6)
+    grown = added.with_examples(unit[2:])  # the centre it was made with stays
+    np.testing.assert_allclose(grown.weight, _normalised(unit.mean(0) - centre), atol=1e-6)
+    assert AddedClass.from_dict(grown.to_dict()).weight.tolist() == grown.weight.tolist()
     classifier = Classifier(("a",), (added,), 0.05, "f")
     logits = np.asarray([[0.3 / 0.05]], np.float32)  # a trained row at cosine 0.3
     probabilities = classifier.probabilities(logits, unit[:1])

@@ -48,8 +48,9 @@ async def add_class(
     ids: Ids = None,
 ) -> ClassList:
     """Add a class from example images (multipart fields 'files') and/or stored images
-    ('ids'): its classifier row is the normalised mean of their embeddings. /classify answers
-    with it from the next request; the embeddings, so the index, do not change."""
+    ('ids'): its classifier row is the mean of their embeddings less the collection's,
+    normalised. /classify answers with it from the next request; the embeddings, so the index,
+    do not change."""
     if not service.classifier.can_imprint:
         raise ClassConflict(
             "this bundle's classifier is the pretrained ImageNet one (a linear head), whose "
@@ -57,6 +58,8 @@ async def add_class(
             "classify with /classify?by=neighbours"
         )
     embeddings = await _examples(service, batcher, files, ids)
+    gallery = await run_in_threadpool(service.collection)
+    centre = await run_in_threadpool(gallery.mean_embedding) if gallery is not None else None
 
     def change(current: Classifier) -> list[AddedClass]:
         try:
@@ -64,7 +67,8 @@ async def add_class(
         except ValueError as err:
             exists = any(n == name.strip() for n in current.names)
             raise (ClassConflict if exists else InvalidRequest)(str(err)) from None
-        return [*current.added, added_from(checked, embeddings)]
+        mean = centre if centre is not None else np.zeros(embeddings.shape[1])
+        return [*current.added, added_from(checked, embeddings, mean)]
 
     return _listing(await run_in_threadpool(service.change_classes, change))
 
