@@ -1,5 +1,6 @@
 """Checking a collection's item database before it is opened: a file that is empty, not SQLite,
-SQLite but not an index, or damaged is named plainly, with what to do, instead of being served."""
+SQLite but not an index, or damaged is named plainly, with what to do, instead of being served.
+The checks of what it records (model facts, row checksums) serve PostgreSQL's too."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import sqlite3
 from pathlib import Path
 
 from index.errors import IndexCorrupt
-from index.store import CHECKED_COLUMNS, row_checksum
+from index.store import CHECKED_COLUMNS, Statements, row_checksum
 
 log = logging.getLogger(__name__)
 
@@ -52,27 +53,43 @@ def _check(connection: sqlite3.Connection, path: Path, thorough: bool, fix: str)
             f"{path} is a SQLite database but not an imgsim index (it has no "
             f"{', '.join(missing)} table). {fix}"
         )
-    meta = dict(connection.execute("SELECT key, value FROM meta").fetchall())
-    absent = [key for key in META_KEYS if key not in meta]
-    if absent:
-        raise IndexCorrupt(f"{path} does not record the index's {', '.join(absent)}. {fix}")
-    damaged = damaged_rows(connection)
-    if damaged:
-        shown = ", ".join(map(str, damaged[:MAX_REPORTED])) + (" ..." if len(damaged) > 5 else "")
-        raise IndexCorrupt(
-            f"{path} has {len(damaged)} damaged row(s) (ids {shown}): what is stored no longer "
-            f"matches its checksum, so their paths, labels or embeddings cannot be trusted. {fix}"
-        )
+    check_meta(connection, str(path), fix)
+    columns = {row[1] for row in connection.execute("PRAGMA table_info(items)")}
+    if "checksum" in columns:  # a file from before checksums gets them when the store opens it
+        check_checksums(connection, str(path), fix)
     log.info("%s passed SQLite's %s and every row's checksum", path, check)
 
 
-def damaged_rows(connection: sqlite3.Connection) -> list[int]:
-    """The ids of the rows whose checksum does not match what they hold (see row_checksum);
-    none in a file from before checksums, which the store gives them when it opens it."""
-    columns = {row[1] for row in connection.execute("PRAGMA table_info(items)")}
-    if "checksum" not in columns:
-        return []
-    rows = connection.execute(
-        f"SELECT {CHECKED_COLUMNS}, checksum FROM items WHERE checksum IS NOT NULL"
-    )
-    return [row[0] for row in rows if row_checksum(row[:-1]) != row[-1]]
+def check_meta(db: Statements, where: str, fix: str) -> None:
+    """IndexCorrupt unless the collection records its model fingerprint and embedding size."""
+    meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+    absent = [key for key in META_KEYS if key not in meta]
+    if absent:
+        raise IndexCorrupt(f"{where} does not record the index's {', '.join(absent)}. {fix}")
+
+
+def check_checksums(db: Statements, where: str, fix: str) -> None:
+    """IndexCorrupt, naming the first ids, unless every row matches its checksum."""
+    damaged = damaged_rows(db)
+    if damaged:
+        shown = ", ".join(map(str, damaged[:MAX_REPORTED])) + (" ..." if len(damaged) > 5 else "")
+        raise IndexCorrupt(
+            f"{where} has {len(damaged)} damaged row(s) (ids {shown}): what is stored no longer "
+            f"matches its checksum, so their paths, labels or embeddings cannot be trusted. {fix}"
+        )
+
+
+def damaged_rows(db: Statements, chunk: int = 10_000) -> list[int]:
+    """The ids of the rows whose checksum does not match what they hold (see row_checksum),
+    read chunk rows at a time (a PostgreSQL result is held whole by the client)."""
+    damaged, last = [], 0
+    while True:
+        rows = db.execute(
+            f"SELECT {CHECKED_COLUMNS}, checksum FROM items"
+            " WHERE id > ? AND checksum IS NOT NULL ORDER BY id LIMIT ?",
+            (last, chunk),
+        ).fetchall()
+        if not rows:
+            return damaged
+        damaged += [row[0] for row in rows if row_checksum(row[:-1]) != row[-1]]
+        last = rows[-1][0]

@@ -20,7 +20,7 @@ import numpy as np
 
 from index.kinds import KindChoice
 from index.snapshot import SnapshotUnusable, read_snapshot
-from index.store import ItemStore
+from index.store import BaseItemStore
 from index.uploads import IMAGES_DIR
 from index.vectors import VectorIndex
 
@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 
 def opened(
-    directory: Path, store: ItemStore, fingerprint: str, choice: KindChoice
+    directory: Path, store: BaseItemStore, fingerprint: str, choice: KindChoice
 ) -> tuple[VectorIndex, int | None]:
     """The collection's index at load and the change its snapshot holds: the snapshot caught
     up with SQLite, or, after a loud warning, an index rebuilt from SQLite and None."""
@@ -59,7 +59,7 @@ def opened(
 
 def applied(
     vectors: VectorIndex,
-    store: ItemStore,
+    store: BaseItemStore,
     choice: KindChoice,
     add: tuple[np.ndarray, np.ndarray] | None = None,
     remove: np.ndarray | None = None,
@@ -78,7 +78,7 @@ def applied(
         return rebuilt(store, choice)
 
 
-def rebuilt(store: ItemStore, choice: KindChoice) -> VectorIndex:
+def rebuilt(store: BaseItemStore, choice: KindChoice) -> VectorIndex:
     """A fresh index of every stored embedding, of the kind for their number, tuned."""
     none = (np.zeros(0, np.int64), np.zeros((0, choice.dim), np.float32))
     chunks = [none, *store.embeddings(choice.dim)]
@@ -87,7 +87,7 @@ def rebuilt(store: ItemStore, choice: KindChoice) -> VectorIndex:
 
 
 def usable_snapshot(
-    directory: Path, store: ItemStore, fingerprint: str, choice: KindChoice
+    directory: Path, store: BaseItemStore, fingerprint: str, choice: KindChoice
 ) -> tuple[faiss.Index, dict[str, Any]]:
     """The saved index and its info, when they are of this model and of the kind the collection
     calls for (the one asked for, or chosen) and hold no change SQLite lacks."""
@@ -107,7 +107,7 @@ def usable_snapshot(
     return index, info
 
 
-def catch_up(vectors: VectorIndex, store: ItemStore, dim: int) -> tuple[int, int]:
+def catch_up(vectors: VectorIndex, store: BaseItemStore, dim: int) -> tuple[int, int]:
     """Add to the index what SQLite has and it lacks, remove the reverse; returns both counts."""
     held = vectors.ids()
     live = store.ids()

@@ -23,7 +23,7 @@ import faiss
 import numpy as np
 
 from index.errors import disk_is_full
-from index.store import ItemStore
+from index.store import BaseItemStore
 from models.files import atomic_write
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ class Snapshots:
     changes stay in the database meanwhile); the episode logs one line when it starts and one
     when a snapshot is written again."""
 
-    def __init__(self, directory: Path | None, store: ItemStore, every: int):
+    def __init__(self, directory: Path | None, store: BaseItemStore, every: int):
         self.directory, self.store, self.every = directory, store, every
         self.seq = 0  # the last change the latest snapshot contains
         self._mutex = threading.Lock()

@@ -1,10 +1,15 @@
-"""The item store: SQLite holding every item with its embedding; the source of truth.
+"""The item store: every item with its embedding and the change log; the source of truth.
 
-WAL mode with synchronous=FULL: a commit returns only once its WAL frames are fsynced, so an
-acknowledged write survives a kill -9 of the process and a power loss. (NORMAL would survive
-kill -9 too, since the WAL is in the OS page cache, but could lose the last commits on power loss.)
-Every add and delete appends to `changes`, whose seq orders them; a FAISS snapshot records the
-last seq it contains.
+`BaseItemStore` is what the gallery, recovery, snapshots and uploads use, written once over the
+SQL that SQLite and PostgreSQL both speak; `ItemStore` keeps the items in one SQLite file (the
+default), `PostgresItemStore` (index/pg_store.py) in a PostgreSQL database. Either way a write
+returns only once committed, every add and delete appends to `changes`, whose seq orders them
+(a FAISS snapshot records the last seq it contains), and ids are never reused.
+
+SQLite runs in WAL mode with synchronous=FULL: a commit returns only once its WAL frames are
+fsynced, so an acknowledged write survives a kill -9 of the process and a power loss. (NORMAL
+would survive kill -9 too, since the WAL is in the OS page cache, but could lose the last commits
+on power loss.)
 """
 
 from __future__ import annotations
@@ -14,10 +19,12 @@ import sqlite3
 import threading
 import time
 import zlib
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -71,112 +78,67 @@ class NewItem:
 
 ITEM_COLUMNS = "id, external_id, path, label, sha256, added_at"
 CHECKED_COLUMNS = f"{ITEM_COLUMNS}, embedding"  # what a row's checksum covers, in this order
+INSERT_ROW = f"INSERT INTO items ({CHECKED_COLUMNS}, checksum) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 
 
 def row_checksum(row: Sequence) -> int:
-    """CRC-32 of a row's CHECKED_COLUMNS as SQLite returns them: finds a row whose bytes
-    changed on disk in ways SQLite's own checks do not see (a flipped bit in a value)."""
+    """CRC-32 of a row's CHECKED_COLUMNS as the database returns them (ints, strs, a float and
+    bytes, alike in SQLite and PostgreSQL): finds a row whose bytes changed on disk in ways the
+    database's own checks do not see (a flipped bit in a value)."""
     *fields, embedding = row
     head = "\x1f".join(repr(value) for value in fields).encode()
     return zlib.crc32(embedding, zlib.crc32(head))
 
 
-class ItemStore:
-    """Items, their embeddings and the change log in one SQLite file (or in memory).
+class Statements(Protocol):
+    """What the shared SQL runs on: a sqlite3 connection, or a psycopg cursor that takes the
+    same ? placeholders (index/pg_store.py)."""
 
-    Writes go through one connection behind a mutex; reads use one connection per thread, which
-    WAL lets run beside a write. In memory there is only the one connection.
+    def execute(self, sql: str, parameters: Sequence[Any] = ..., /) -> Any: ...
+
+    def executemany(self, sql: str, parameters: Iterable[Sequence[Any]], /) -> Any: ...
+
+
+class BaseItemStore(ABC):
+    """Items, their embeddings and the change log, whatever database holds them.
+
+    A subclass provides the connections (`_reading`, `_transaction`: one that holds the writers'
+    turn, so that within it the ids and seqs it takes are the latest), the seq of the last change
+    and new ids; the queries are here, once.
     """
 
-    def __init__(self, path: Path | None):
-        self.path = path
-        self._mutex = threading.Lock()
-        self._local = threading.local()
-        self._readers: list[sqlite3.Connection] = []
-        try:
-            self._writer = self._connect()
-            self._writer.executescript(SCHEMA)
-            self._add_checksums()
-        except sqlite3.DatabaseError as err:
-            raise IndexCorrupt(f"the item database {path} cannot be read ({err})") from err
+    @abstractmethod
+    def _reading(self) -> AbstractContextManager[Statements]:
+        """A connection to read with, committed after each statement."""
 
-    def _add_checksums(self) -> None:
-        """A file written before rows had checksums gets the column, and each row its sum."""
-        columns = {row[1] for row in self._writer.execute("PRAGMA table_info(items)")}
-        if "checksum" in columns:
-            return
-        with self._transaction() as db:
-            db.execute("ALTER TABLE items ADD COLUMN checksum INTEGER")
-            rows = db.execute(f"SELECT {CHECKED_COLUMNS} FROM items").fetchall()
-            db.executemany(
-                "UPDATE items SET checksum = ? WHERE id = ?",
-                [(row_checksum(row), row[0]) for row in rows],
-            )
-        log.info("%s: added a checksum to each of its %d rows", self.path, len(rows))
+    @abstractmethod
+    def _transaction(self) -> AbstractContextManager[Statements]:
+        """A write transaction, committed (durably) when the block ends, rolled back on error."""
 
-    def _connect(self) -> sqlite3.Connection:
-        target = ":memory:" if self.path is None else str(self.path)
-        connection = sqlite3.connect(target, check_same_thread=False, isolation_level=None)
-        connection.execute("PRAGMA busy_timeout = 10000")
-        if self.path is not None:
-            connection.execute("PRAGMA journal_mode = WAL")
-            connection.execute("PRAGMA synchronous = FULL")
-        return connection
+    @abstractmethod
+    def _last_seq(self, db: Statements) -> int:
+        """The seq of the latest change, 0 before any (in a transaction: its own latest)."""
 
-    @contextmanager
-    def _reading(self) -> Iterator[sqlite3.Connection]:
-        if self.path is None:
-            with self._mutex:
-                yield self._writer
-            return
-        connection = getattr(self._local, "connection", None)
-        if connection is None:
-            connection = self._local.connection = self._connect()
-            with self._mutex:
-                self._readers.append(connection)
-        yield connection
+    @abstractmethod
+    def _new_ids(self, db: Statements, count: int) -> list[int]:
+        """Ids for count new items, above every id ever given, inside a write transaction."""
 
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._mutex:
-            self._writer.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._writer
-            except BaseException:
-                self._writer.execute("ROLLBACK")
-                raise
-            self._writer.execute("COMMIT")
-
+    @abstractmethod
     def close(self) -> None:
-        """Merge the WAL into the database file (so that the file alone is complete, for a
-        copy or a backup) and close every connection."""
-        with self._mutex:
-            for connection in self._readers:
-                connection.close()
-            self._readers.clear()
-            try:
-                if self.path is not None:
-                    self._merge_wal()
-            finally:
-                self._writer.close()
+        """Close every connection; the store is unusable afterwards."""
 
-    def _merge_wal(self) -> None:
-        """Checkpoint the WAL into the database file; where it cannot be (a reader holds it,
-        the disk is full), the WAL stays beside it, valid, and is merged on the next open."""
-        try:
-            busy, _, _ = self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-        except sqlite3.OperationalError as err:
-            if not disk_is_full(err):
-                raise
-            log.error("%s: the disk is full, the WAL stays unmerged (it is still valid)", self.path)
-            return
-        if busy:
-            log.warning("%s: the WAL could not be merged, another reader holds it", self.path)
+    @abstractmethod
+    def back_up(self, path: Path) -> None:
+        """Write the items, the change log and meta, as of one moment, to a new SQLite file."""
 
     def set_meta(self, values: dict[str, str]) -> None:
         """Record facts about the collection (model fingerprint, embedding size)."""
         with self._transaction() as db:
-            db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", values.items())
+            db.executemany(
+                "INSERT INTO meta (key, value) VALUES (?, ?)"
+                " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                values.items(),
+            )
 
     def meta(self) -> dict[str, str]:
         """The recorded facts."""
@@ -186,30 +148,18 @@ class ItemStore:
     def insert(self, items: Sequence[NewItem], embeddings: np.ndarray) -> tuple[list[int], int]:
         """Store items in one transaction; returns their ids and the seq of the last change."""
         now = time.time()
-        ids = []
         with self._transaction() as db:
-            for item, embedding in zip(items, embeddings, strict=True):
-                blob = np.ascontiguousarray(embedding, dtype=np.float32).tobytes()
-                fields = (item.external_id, item.path, item.label, item.sha256)
-                try:
-                    cursor = db.execute(
-                        "INSERT INTO items (external_id, path, label, sha256, added_at, embedding)"
-                        " VALUES (?, ?, ?, ?, ?, ?)",
-                        (*fields, now, blob),
-                    )
-                except sqlite3.IntegrityError as err:
-                    raise DuplicateExternalId(
-                        f"another image already has the external id {item.external_id!r}"
-                    ) from err
-                item_id = int(cursor.lastrowid)
-                checksum = row_checksum((item_id, *fields, now, blob))  # as SQLite returns it
-                db.execute("UPDATE items SET checksum = ? WHERE id = ?", (checksum, item_id))
-                ids.append(item_id)
+            _refuse_taken_external_ids(db, items)
+            ids = self._new_ids(db, len(items))
+            rows = [
+                (i, item.external_id, item.path, item.label, item.sha256, now, _blob(embedding))
+                for i, item, embedding in zip(ids, items, embeddings, strict=True)
+            ]
+            db.executemany(INSERT_ROW, [(*row, row_checksum(row)) for row in rows])
             db.executemany(
                 "INSERT INTO changes (op, item_id) VALUES ('add', ?)", [(i,) for i in ids]
             )
-            seq = _last_seq(db)
-        return ids, seq
+            return ids, self._last_seq(db)
 
     def delete(self, item_id: int) -> tuple[Item, int] | None:
         """Remove an item; returns it and the seq of the change, or None when there is none."""
@@ -219,7 +169,7 @@ class ItemStore:
                 return None
             db.execute("DELETE FROM items WHERE id = ?", (item_id,))
             db.execute("INSERT INTO changes (op, item_id) VALUES ('delete', ?)", (item_id,))
-            return item, _last_seq(db)
+            return item, self._last_seq(db)
 
     def forget_changes(self, up_to: int) -> None:
         """Drop the change log up to a seq a snapshot contains (seqs are never reused)."""
@@ -317,15 +267,167 @@ class ItemStore:
     def last_seq(self) -> int:
         """The seq of the latest change, 0 before any."""
         with self._reading() as db:
-            return _last_seq(db)
+            return self._last_seq(db)
 
 
-def _last_seq(db: sqlite3.Connection) -> int:
-    row = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'changes'").fetchone()
+class ItemStore(BaseItemStore):
+    """Items, their embeddings and the change log in one SQLite file (or in memory).
+
+    Writes go through one connection behind a mutex; reads use one connection per thread, which
+    WAL lets run beside a write. In memory there is only the one connection.
+    """
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self._mutex = threading.Lock()
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        try:
+            self._writer = self._connect()
+            self._writer.executescript(SCHEMA)
+            self._add_checksums()
+        except sqlite3.DatabaseError as err:
+            raise IndexCorrupt(f"the item database {path} cannot be read ({err})") from err
+
+    def _add_checksums(self) -> None:
+        """A file written before rows had checksums gets the column, and each row its sum."""
+        columns = {row[1] for row in self._writer.execute("PRAGMA table_info(items)")}
+        if "checksum" in columns:
+            return
+        with self._transaction() as db:
+            db.execute("ALTER TABLE items ADD COLUMN checksum INTEGER")
+            rows = db.execute(f"SELECT {CHECKED_COLUMNS} FROM items").fetchall()
+            db.executemany(
+                "UPDATE items SET checksum = ? WHERE id = ?",
+                [(row_checksum(row), row[0]) for row in rows],
+            )
+        log.info("%s: added a checksum to each of its %d rows", self.path, len(rows))
+
+    def _connect(self) -> sqlite3.Connection:
+        target = ":memory:" if self.path is None else str(self.path)
+        connection = sqlite3.connect(target, check_same_thread=False, isolation_level=None)
+        connection.execute("PRAGMA busy_timeout = 10000")
+        if self.path is not None:
+            connection.execute("PRAGMA journal_mode = WAL")
+            connection.execute("PRAGMA synchronous = FULL")
+        return connection
+
+    @contextmanager
+    def _reading(self) -> Iterator[sqlite3.Connection]:
+        if self.path is None:
+            with self._mutex:
+                yield self._writer
+            return
+        connection = getattr(self._local, "connection", None)
+        if connection is None:
+            connection = self._local.connection = self._connect()
+            with self._mutex:
+                self._readers.append(connection)
+        yield connection
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._mutex:
+            self._writer.execute("BEGIN IMMEDIATE")  # the write lock: one writer at a time
+            try:
+                yield self._writer
+            except BaseException:
+                self._writer.execute("ROLLBACK")
+                raise
+            self._writer.execute("COMMIT")
+
+    def _last_seq(self, db: Statements) -> int:
+        return _sqlite_sequence(db, "changes")
+
+    def _new_ids(self, db: Statements, count: int) -> list[int]:
+        # AUTOINCREMENT keeps the largest id ever given in sqlite_sequence, and raises it when a
+        # larger one is inserted; BEGIN IMMEDIATE keeps other writers out meanwhile.
+        last = _sqlite_sequence(db, "items")
+        return list(range(last + 1, last + 1 + count))
+
+    def close(self) -> None:
+        """Merge the WAL into the database file (so that the file alone is complete, for a
+        copy or a backup) and close every connection."""
+        with self._mutex:
+            for connection in self._readers:
+                connection.close()
+            self._readers.clear()
+            try:
+                if self.path is not None:
+                    self._merge_wal()
+            finally:
+                self._writer.close()
+
+    def _merge_wal(self) -> None:
+        """Checkpoint the WAL into the database file; where it cannot be (a reader holds it,
+        the disk is full), the WAL stays beside it, valid, and is merged on the next open."""
+        try:
+            busy, _, _ = self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        except sqlite3.OperationalError as err:
+            if not disk_is_full(err):
+                raise
+            log.error("%s: the disk is full, the WAL stays unmerged (it is still valid)", self.path)
+            return
+        if busy:
+            log.warning("%s: the WAL could not be merged, another reader holds it", self.path)
+
+    def back_up(self, path: Path) -> None:
+        """SQLite's online backup API: one consistent state, safe while another process
+        writes; the copy is one file, complete by itself."""
+        target = sqlite3.connect(path)
+        try:
+            with self._reading() as db:
+                db.backup(target)
+            target.execute("PRAGMA journal_mode = DELETE")
+        finally:
+            target.close()
+
+    def restore(
+        self,
+        meta: Iterable[tuple[str, str]],
+        rows: Iterable[Sequence[Any]],
+        changes: Iterable[Sequence[Any]],
+        last_id: int,
+        last_seq: int,
+    ) -> None:
+        """Fill an empty store with another store's contents in one transaction: meta, rows
+        (CHECKED_COLUMNS and checksum, ids kept), the change log, and the last id and seq ever
+        given, so that ids and seqs go on where the other store's would."""
+        with self._transaction() as db:
+            db.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", meta)
+            db.executemany(INSERT_ROW, rows)
+            db.executemany("INSERT INTO changes (seq, op, item_id) VALUES (?, ?, ?)", changes)
+            for name, last in (("items", last_id), ("changes", last_seq)):
+                db.execute("DELETE FROM sqlite_sequence WHERE name = ?", (name,))
+                db.execute("INSERT INTO sqlite_sequence (name, seq) VALUES (?, ?)", (name, last))
+
+
+def _sqlite_sequence(db: Statements, table: str) -> int:
+    """The last id (or seq) AUTOINCREMENT gave in a table, 0 before any."""
+    row = db.execute("SELECT seq FROM sqlite_sequence WHERE name = ?", (table,)).fetchone()
     return int(row[0]) if row else 0
 
 
-def _item(db: sqlite3.Connection, item_id: int) -> Item | None:
+def _refuse_taken_external_ids(db: Statements, items: Sequence[NewItem]) -> None:
+    """DuplicateExternalId for the first item whose external id is stored already or given
+    earlier in the batch (asked inside the write transaction, so no other writer is between)."""
+    wanted = [item.external_id for item in items if item.external_id is not None]
+    if not wanted:
+        return
+    marks = ",".join("?" * len(wanted))
+    query = f"SELECT external_id FROM items WHERE external_id IN ({marks})"
+    seen = {row[0] for row in db.execute(query, wanted).fetchall()}
+    for external_id in wanted:
+        if external_id in seen:
+            raise DuplicateExternalId(f"another image already has the external id {external_id!r}")
+        seen.add(external_id)
+
+
+def _blob(embedding: np.ndarray) -> bytes:
+    return np.ascontiguousarray(embedding, dtype=np.float32).tobytes()
+
+
+def _item(db: Statements, item_id: int) -> Item | None:
     row = db.execute(f"SELECT {ITEM_COLUMNS} FROM items WHERE id = ?", (item_id,)).fetchone()
     return Item(*row) if row else None
 

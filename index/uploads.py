@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from index.store import Item, ItemStore
+from index.store import BaseItemStore, Item
 from models.files import atomic_write
 
 IMAGES_DIR = "images"
@@ -37,7 +37,7 @@ class KeptImages:
         atomic_write(path, lambda tmp: tmp.write_bytes(content))
         return True
 
-    def forget(self, item: Item, store: ItemStore) -> None:
+    def forget(self, item: Item, store: BaseItemStore) -> None:
         """Remove a deleted item's kept image once no stored item has the same content."""
         if self.folder is None or item.sha256 is None:
             return
