@@ -2,9 +2,17 @@
 
 Order matters: the kept images (content-addressed, never changed once written) first, then
 the FAISS snapshot (its json and the file it names, checked against its sha256), then the item
-database through SQLite's online backup API, which copies one consistent state that is at least
-as new as the snapshot; last, the images of items added meanwhile. The copy is built under a
-temporary name and renamed into place, so DEST is whole or absent.
+database as one consistent state that is at least as new as the snapshot; last, the images of
+items added meanwhile. The copy is built under a temporary name and renamed into place, so DEST
+is whole or absent.
+
+The item database is copied into DEST/items.sqlite whichever store holds it: SQLite's through
+its online backup API; PostgreSQL's read in one REPEATABLE READ transaction, ids, checksums,
+change log and meta kept (PostgresItemStore.back_up). So every backup is a self-contained
+folder that `imgsim serve --index DEST` serves as it is, with no database server, and that can
+be checked and kept like any file. Putting such a copy back into PostgreSQL is not done here:
+for backups that stay in PostgreSQL, use its own tools (pg_dump, or base backups with WAL
+archiving for point-in-time recovery) on the database beside an `imgsim backup` of the folder.
 """
 
 from __future__ import annotations
@@ -17,8 +25,9 @@ import sqlite3
 from pathlib import Path
 
 from index.errors import disk_full_refused
-from index.folder import ITEMS_FILE, existing_store
+from index.folder import ITEMS_FILE, Database, existing_store
 from index.snapshot import INFO_FILE, SnapshotUnusable, read_snapshot
+from index.store import BaseItemStore
 from index.uploads import IMAGES_DIR
 
 log = logging.getLogger(__name__)
@@ -26,37 +35,38 @@ log = logging.getLogger(__name__)
 SNAPSHOT_TRIES = 5  # a snapshot replaced while being copied is copied again
 
 
-def backup_collection(directory: Path, dest: Path) -> int:
-    """Copy the collection at directory to dest (which must not exist); returns its items."""
+def backup_collection(directory: Path, dest: Path, database: Database | None = None) -> int:
+    """Copy the collection at directory (its items in the database if given) to dest, which
+    must not exist, as a folder with its own items.sqlite; returns its items."""
     if dest.exists():
         raise FileExistsError(f"{dest} already exists: give a new folder to back up into")
-    existing_store(directory).close()  # IndexMissing / IndexCorrupt: nothing to back up
+    # IndexMissing / IndexCorrupt: nothing to back up
+    store = existing_store(directory, database=database)
     partial = dest.with_name(f".{dest.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     try:  # whatever stops it (a full disk), nothing of the copy is left to fill the disk
         with disk_full_refused(f"the backup in {dest}"):
-            count = _copy_into(directory, partial)
+            count = _copy_into(directory, partial, store)
             os.rename(partial, dest)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
+    finally:
+        store.close()
     return count
 
 
-def _copy_into(directory: Path, partial: Path) -> int:
+def _copy_into(directory: Path, partial: Path, store: BaseItemStore) -> int:
     """The images, the snapshot and a consistent copy of the database, into partial."""
     (partial / IMAGES_DIR).mkdir(parents=True)
     _copy_images(directory / IMAGES_DIR, partial / IMAGES_DIR)
     _copy_snapshot(directory, partial)
-    source = sqlite3.connect(directory / ITEMS_FILE)
+    store.back_up(partial / ITEMS_FILE)
     target = sqlite3.connect(partial / ITEMS_FILE)
     try:
-        source.backup(target)
-        target.execute("PRAGMA journal_mode = DELETE")  # one file, complete by itself
         count = target.execute("SELECT COUNT(*) FROM items").fetchone()[0]
         paths = [row[0] for row in target.execute("SELECT path FROM items")]
     finally:
-        source.close()
         target.close()
     _copy_images(directory / IMAGES_DIR, partial / IMAGES_DIR, {Path(p).name for p in paths})
     return count

@@ -36,6 +36,14 @@ class IndexCorrupt(IndexProblem):
     """The item database cannot be read; the index is refused rather than served empty."""
 
 
+class IncompatibleIndex(IndexProblem):
+    """The index was written by a newer imgsim, in a format this one does not know."""
+
+
+class DatabaseUnavailable(IndexProblem):
+    """The database that holds the items cannot be reached or used."""
+
+
 class InsufficientStorage(IndexProblem):
     """The disk (or quota) is full: nothing of the write was kept."""
 

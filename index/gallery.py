@@ -1,12 +1,14 @@
 """A gallery: a living collection of normalised embeddings searched by inner product.
 
-SQLite (index/store.py) holds the items; a FAISS index (index/vectors.py) is derived from it;
-one folder per collection holds both (index/folder.py). A write commits to SQLite first, then
+The item store (index/store.py: SQLite, or PostgreSQL with a Database) holds the items; a FAISS
+index (index/vectors.py) is derived from it; one folder per collection holds both, or the FAISS
+snapshots beside a database (index/folder.py). A write commits to the store first, then
 updates FAISS, both under the write side of a readers-writer lock, and returns only then: what
-was acknowledged is on disk, and no search sees SQLite and FAISS disagree. At load the snapshot
-is caught up with SQLite, or rebuilt from it, loudly (index/recovery.py). The index kind is the
-one asked for, or chosen for the size within an optional memory limit (index/kinds.py); `fill`
-builds a new collection's index once, as the kind for its size, from the embeddings in hand.
+was acknowledged is on disk, and no search sees the store and FAISS disagree. At load the
+snapshot is caught up with the store, or rebuilt from it, loudly (index/recovery.py). The index
+kind is the one asked for, or chosen for the size within an optional memory limit
+(index/kinds.py); `fill` builds a new collection's index once, as the kind for its size, from the
+embeddings in hand.
 """
 
 from __future__ import annotations
@@ -29,10 +31,11 @@ from index.errors import (
     disk_full_refused,
     disk_is_full,
 )
+from index.folder import Database
 from index.kinds import KindChoice
 from index.locks import ReadWriteLock
 from index.snapshot import Snapshots
-from index.store import Item, ItemStore, NewItem
+from index.store import BaseItemStore, Item, NewItem
 from index.uploads import KeptImages
 from index.vectors import VectorIndex
 
@@ -53,10 +56,18 @@ class Neighbour:
 
 
 class GalleryIndex:
-    """Items searched by inner product; SQLite holds them, FAISS is derived from it."""
+    """Items searched by inner product; the item store holds them, FAISS is derived from it."""
 
-    def __init__(self, store: ItemStore, fingerprint: str, kind: KindChoice, snapshot_every: int):
+    def __init__(
+        self,
+        store: BaseItemStore,
+        directory: Path | None,
+        fingerprint: str,
+        kind: KindChoice,
+        snapshot_every: int,
+    ):
         self.store = store
+        self.directory = directory  # the collection's folder; None for a collection in memory
         self.fingerprint = fingerprint
         self.kind = kind
         self.vectors = VectorIndex.empty(kind.dim, kind.for_size(0))
@@ -64,11 +75,6 @@ class GalleryIndex:
         self._snapshots = Snapshots(self.directory, store, snapshot_every)
         self._lock = ReadWriteLock()
         self._applied_seq = 0  # the last change the FAISS index contains
-
-    @property
-    def directory(self) -> Path | None:
-        """The collection's folder; None for a collection in memory."""
-        return None if self.store.path is None else self.store.path.parent
 
     @property
     def dim(self) -> int:
@@ -94,14 +100,16 @@ class GalleryIndex:
         factory: str | None = None,
         snapshot_every: int = 1000,
         max_index_memory: int | None = None,
+        database: Database | None = None,
     ) -> GalleryIndex:
-        """A new empty collection, in memory or in a folder that holds none yet. Without a
-        factory, the index kind is chosen from the size, within max_index_memory bytes if given
-        (recorded with the collection)."""
-        store = folder.new_store(directory)
+        """A new empty collection, in memory or in a folder that holds none yet (with a
+        database, one that holds none yet keeps the items). Without a factory, the index kind is
+        chosen from the size, within max_index_memory bytes if given (recorded with it)."""
+        store = folder.new_store(directory, database)
         limit = {} if max_index_memory is None else {MAX_INDEX_MEMORY: str(max_index_memory)}
         store.set_meta({"fingerprint": fingerprint, "dim": str(dim), **limit})
-        return cls(store, fingerprint, KindChoice(dim, factory, max_index_memory), snapshot_every)
+        kind = KindChoice(dim, factory, max_index_memory)
+        return cls(store, directory, fingerprint, kind, snapshot_every)
 
     @classmethod
     def load(
@@ -111,14 +119,16 @@ class GalleryIndex:
         factory: str | None = None,
         snapshot_every: int = 1000,
         thorough_check: bool = False,
+        database: Database | None = None,
     ) -> GalleryIndex:
-        """Open a collection, checked (SQLite's integrity_check if thorough_check, else its
-        quick_check); with a fingerprint, refuse one built with another model."""
-        store = folder.existing_store(directory, thorough_check)
+        """Open a collection (its items in the database if given), checked (SQLite's
+        integrity_check if thorough_check, else its quick_check; every row's checksum); with a
+        fingerprint, refuse one built with another model."""
+        store = folder.existing_store(directory, thorough_check, database)
         meta = store.meta()
         limit = int(meta[MAX_INDEX_MEMORY]) if MAX_INDEX_MEMORY in meta else None
         kind = KindChoice(int(meta["dim"]), factory, limit)
-        gallery = cls(store, meta["fingerprint"], kind, snapshot_every)
+        gallery = cls(store, directory, meta["fingerprint"], kind, snapshot_every)
         if fingerprint is not None:
             try:
                 gallery.check_model(fingerprint)
@@ -129,7 +139,7 @@ class GalleryIndex:
         return gallery
 
     def _start(self) -> None:
-        """Load the snapshot and catch it up with SQLite, or rebuild the index from SQLite."""
+        """Load the snapshot and catch it up with the store, or rebuild the index from it."""
         assert self.directory is not None
         with self._lock.write():
             self.vectors, snapshot_seq = recovery.opened(
@@ -352,7 +362,7 @@ class GalleryIndex:
             }
 
     def consistent(self) -> bool:
-        """Whether FAISS holds exactly the ids SQLite holds (a full scan: for checks and tests)."""
+        """Whether FAISS holds exactly the ids the store holds (a full scan: for checks, tests)."""
         with self._lock.read():
             live, held = self.store.ids(), self.vectors.ids()
             return len(live) == len(held) and bool(np.array_equal(np.sort(live), np.sort(held)))
@@ -360,7 +370,7 @@ class GalleryIndex:
     # -- rebuilding and snapshots ---------------------------------------------------------
 
     def rebuild(self) -> None:
-        """Rebuild the index from SQLite (compacts deletions hidden from HNSW), then snapshot."""
+        """Rebuild the index from the store (compacts deletions hidden from HNSW), then snapshot."""
         with self._lock.write():
             self.vectors = recovery.rebuilt(self.store, self.kind)
             self._applied_seq = self.store.last_seq()
