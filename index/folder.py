@@ -59,11 +59,11 @@ def new_store(directory: Path | None, database: Database | None = None) -> BaseI
     if database is not None:
         if directory is None:
             raise ValueError("a collection in PostgreSQL needs a folder for its snapshots")
-        directory.mkdir(parents=True, exist_ok=True)
         store = _postgres().PostgresItemStore(database, create=True)
         if store.meta():
             store.close()
             raise FileExistsError(f"{database} already holds a collection")
+        directory.mkdir(parents=True, exist_ok=True)
         return store
     if directory is None:
         return ItemStore(None)
@@ -81,13 +81,13 @@ def existing_store(
     if there is none, IndexCorrupt if it is not whole. With a database the folder is made when
     missing: its snapshot is then rebuilt from the database."""
     if database is not None:
-        directory.mkdir(parents=True, exist_ok=True)
         store = _postgres().PostgresItemStore(database)
         try:
             store.check()
         except BaseException:
             store.close()
             raise
+        directory.mkdir(parents=True, exist_ok=True)
         return store
     if not (directory / ITEMS_FILE).is_file():
         hint = (

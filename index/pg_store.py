@@ -196,7 +196,8 @@ def _translated(database: Database) -> Iterator[None]:
             "kept; try again once space is freed"
         ) from err
     except psycopg.OperationalError as err:
-        raise DatabaseUnavailable(f"cannot use the PostgreSQL database {database}: {err}") from err
+        why = " ".join(str(err).split())  # libpq's messages come on several lines
+        raise DatabaseUnavailable(f"cannot use the PostgreSQL database {database}: {why}") from err
 
 
 def _migrate(connection: psycopg.Connection[Any], database: Database, create: bool) -> None:
