@@ -14,6 +14,7 @@ from pydantic import ValidationError
 
 from app.options import COMMON, TRAINING, add_options, config_from, positive
 from index.errors import IndexProblem
+from index.folder import Database
 from models.backbones import INSTALLED_BACKBONE
 from models.errors import DatasetError, ImgsimError
 from models.layout import BundleLayout
@@ -35,6 +36,11 @@ RUNTIME_HELP = (
 EVAL_GALLERY_HELP = (
     "gallery to search (default: BUNDLE/index when it exists, else leave-one-out over DATA_DIR's "
     "images)"
+)
+DATABASE_HELP = (
+    "PostgreSQL URL, e.g. postgresql://USER:PASSWORD@HOST/DB, that keeps the collection's items "
+    "and change log in place of the index folder's items.sqlite; the folder keeps the FAISS "
+    "snapshots and images (default: IMGSIM_DATABASE_URL when set; pip install 'imgsim[postgres]')"
 )
 DEMO_EPOCHS = 2  # the probe alone reaches 1.0 val top-1 on the shapes; see README
 
@@ -101,6 +107,22 @@ def build_parser() -> argparse.ArgumentParser:
         )
         command.set_defaults(run=run)
     return parser
+
+
+def _database_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--database", metavar="URL", help=DATABASE_HELP)
+
+
+def _database(args: argparse.Namespace) -> Database | None:
+    """--database, else IMGSIM_DATABASE_URL (read by the service settings), else None: the
+    items are in the index folder's items.sqlite."""
+    from app.settings import Settings
+
+    return Database(args.database) if args.database else Settings().database()
+
+
+def _indexed_into(out: Path, database: Database | None) -> str:
+    return f"{out}" + (f" (items in {database})" if database is not None else "")
 
 
 def _common(parser: argparse.ArgumentParser, **defaults: object) -> None:
@@ -184,6 +206,7 @@ def _index_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="ADDRESS",
         help="the Ray cluster to run on (default: RAY_ADDRESS, else Ray started here)",
     )
+    _database_option(parser)
     _common(parser)
 
 
@@ -198,6 +221,12 @@ def _run_index(args: argparse.Namespace) -> None:
     bundle.use_runtime(args.runtime)
     default = BundleLayout(args.model).index if args.model else Path(f"index-{args.backbone}")
     out = args.out or default
+    database = _database(args)
+    if args.engine == "ray" and database is not None:
+        raise ValueError(
+            "--engine ray keeps the items in the index folder's items.sqlite only, for now: "
+            "index into PostgreSQL with --engine process"
+        )
     if args.engine == "ray":
         from app.ray_index import index_on_ray
 
@@ -228,8 +257,10 @@ def _run_index(args: argparse.Namespace) -> None:
         rebuild=args.rebuild,
         factory=args.index_factory,
         max_index_memory=args.max_index_memory,
+        database=database,
     )
-    print(f"indexed {len(gallery)} images into {out} (model {bundle.fingerprint})")
+    where = _indexed_into(out, database)
+    print(f"indexed {len(gallery)} images into {where} (model {bundle.fingerprint})")
 
 
 def _eval_arguments(parser: argparse.ArgumentParser) -> None:
@@ -239,6 +270,7 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-index", action="store_true", help="use DATA_DIR's images as gallery (leave-one-out)"
     )
+    _database_option(parser)
     _path(parser, "--out", "DIR", "report folder (default: BUNDLE/eval)")
     parser.add_argument(
         "--knn-k", type=positive, default=5, help="neighbours in the vote (default: %(default)s)"
@@ -269,6 +301,7 @@ def _run_eval(args: argparse.Namespace) -> None:
         workers=args.workers,
         device=args.device,
         runtime=args.runtime,
+        database=_database(args),
     )
     retrieval = report["retrieval"]
     print(
@@ -293,6 +326,7 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
         "images (default: the service is read-only there)",
     )
     parser.add_argument("--runtime", default="auto", choices=RUNTIMES, help=RUNTIME_HELP)
+    _database_option(parser)
     _common(parser)
 
 
@@ -307,6 +341,7 @@ def _run_serve(args: argparse.Namespace) -> None:
         weights=args.weights,
         device=args.device,
         **({"allow_open_writes": True} if args.allow_open_writes else {}),
+        **({"database_url": args.database} if args.database else {}),
         runtime=args.runtime,
     )
     serve(settings, args.host, args.port)
@@ -315,12 +350,13 @@ def _run_serve(args: argparse.Namespace) -> None:
 def _backup_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("index_dir", type=Path, metavar="INDEX_DIR")
     parser.add_argument("dest", type=Path, metavar="DEST", help="new folder for the copy")
+    _database_option(parser)
 
 
 def _run_backup(args: argparse.Namespace) -> None:
     from index.backup import backup_collection
 
-    count = backup_collection(args.index_dir, args.dest)
+    count = backup_collection(args.index_dir, args.dest, _database(args))
     print(f"backed up {count} items of {args.index_dir} to {args.dest}")
 
 
@@ -433,7 +469,9 @@ COMMANDS: dict[str, tuple[str, str, Callable[[argparse.ArgumentParser], None], C
         "copy an index folder consistently, even while it is served",
         "Copy INDEX_DIR (items, FAISS snapshot, kept images) to the new folder DEST with "
         "SQLite's online backup, safe while 'imgsim serve' writes to it. To restore, stop the "
-        "server and put DEST in place of INDEX_DIR.",
+        "server and put DEST in place of INDEX_DIR. With --database the items are read from "
+        "PostgreSQL in one transaction into DEST/items.sqlite, so that DEST is served as it is, "
+        "without the database; for backups kept in PostgreSQL, use pg_dump.",
         _backup_arguments,
         _run_backup,
     ),

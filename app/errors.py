@@ -15,8 +15,10 @@ from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from index.errors import (
+    DatabaseUnavailable,
     DuplicateExternalId,
     EmptyIndex,
+    IncompatibleIndex,
     IndexCorrupt,
     IndexMissing,
     IndexProblem,
@@ -91,6 +93,8 @@ STATUS: list[tuple[type[Exception], int]] = [  # first match wins: subclasses be
     (NotReady, 503),
     (IndexMissing, 503),
     (IndexCorrupt, 503),
+    (IncompatibleIndex, 503),
+    (DatabaseUnavailable, 503),
     (InsufficientStorage, 507),
     (ItemNotFound, 404),
     (DuplicateExternalId, 409),

@@ -13,7 +13,7 @@ from app.batching import single_threaded_torch
 from app.errors import ImageFileMissing, NoIndex
 from app.settings import Settings
 from app.thumbnails import Thumbnails
-from index.errors import ItemNotFound
+from index.errors import IndexMissing, ItemNotFound
 from index.gallery import GalleryIndex
 from index.store import Item
 from models import imprint
@@ -78,6 +78,7 @@ class Service:
                     directory,
                     factory=self.settings.index_factory,
                     snapshot_every=self.settings.snapshot_every,
+                    database=self.settings.database(),
                 )
         return self.gallery
 
@@ -101,22 +102,18 @@ def load_service(settings: Settings) -> Service:
     """Load the bundle (or the pretrained backbone) and its index, refusing a mismatched index.
     torch runs on one thread here: only the inference worker's thread may start an OpenMP team
     (app/batching.py)."""
+    if settings.database() is not None and settings.resolved_index_dir() is None:
+        raise ValueError(
+            "a database keeps the items, but their FAISS snapshots and uploaded images need a "
+            "folder: give a bundle, or an index folder (IMGSIM_INDEX_DIR, --index)"
+        )
     single_threaded_torch()
     if settings.bundle_dir is not None:
         bundle = Bundle.load(settings.bundle_dir, settings.device)
     else:
         bundle = Bundle.pretrained(settings.backbone, settings.weights, settings.device)
     bundle.use_runtime(settings.runtime, settings.threads)
-    index_dir = settings.resolved_index_dir()
-    gallery = None
-    if settings.index_dir is not None or (index_dir is not None and index_dir.exists()):
-        gallery = GalleryIndex.load(
-            index_dir,
-            bundle.fingerprint,
-            factory=settings.index_factory,
-            snapshot_every=settings.snapshot_every,
-            thorough_check=settings.thorough_index_check,
-        )
+    gallery = stored_gallery(settings, bundle.fingerprint)
     log.info(
         "serving %s (%s, %d classes) on %s with %s; index: %s",
         bundle.config.backbone,
@@ -127,3 +124,26 @@ def load_service(settings: Settings) -> Service:
         f"{len(gallery)} items" if gallery is not None else "none",
     )
     return Service(settings, bundle, gallery)
+
+
+def stored_gallery(settings: Settings, fingerprint: str) -> GalleryIndex | None:
+    """The collection to serve: the index folder's (or the database's), or None when there is
+    none yet and none was asked for by name (one is then made on the first add)."""
+    index_dir, database = settings.resolved_index_dir(), settings.database()
+    if index_dir is None:
+        return None
+    if settings.index_dir is None and database is None and not index_dir.exists():
+        return None
+    try:
+        return GalleryIndex.load(
+            index_dir,
+            fingerprint,
+            factory=settings.index_factory,
+            snapshot_every=settings.snapshot_every,
+            thorough_check=settings.thorough_index_check,
+            database=database,
+        )
+    except IndexMissing:
+        if database is None or settings.index_dir is not None:
+            raise
+        return None  # a database without a collection, and the bundle's default folder

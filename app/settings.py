@@ -10,6 +10,7 @@ from typing import Annotated
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from index.folder import Database
 from models.backbones import DEFAULT_BACKBONE, check_backbone
 from models.devices import DEVICES
 from models.images import DEFAULT_MAX_PIXELS
@@ -36,6 +37,12 @@ class Settings(BaseSettings):
 
     bundle_dir: Path | None = Field(None, description="trained bundle; None serves ImageNet")
     index_dir: Path | None = Field(None, description="gallery index; default BUNDLE/index")
+    database_url: SecretStr | None = Field(
+        None,
+        description="PostgreSQL URL (postgresql://USER:PASSWORD@HOST/DB) that keeps the items "
+        "and change log in place of the index folder's items.sqlite; the folder keeps the FAISS "
+        "snapshots and uploaded images (pip install 'imgsim[postgres]')",
+    )
     backbone: str = DEFAULT_BACKBONE
     weights: str = "imagenet"
     device: str = "auto"
@@ -160,6 +167,10 @@ class Settings(BaseSettings):
         under ONNX Runtime, batch-1 encode, 200 interleaved: median 11.7 ms with two torch
         threads, 10.2 ms with one)."""
         return self.threads if runtime == "torch" else 1
+
+    def database(self) -> Database | None:
+        """The PostgreSQL database that holds the items, if one is set."""
+        return None if self.database_url is None else Database(self.database_url.get_secret_value())
 
     def resolved_index_dir(self) -> Path | None:
         """The index folder to serve: the one given, else BUNDLE/index when a bundle is given."""

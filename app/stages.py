@@ -6,7 +6,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ from app.main import create_app
 from app.service import load_service
 from app.settings import Settings
 from index.errors import IndexMissing, ModelMismatch
-from index.folder import replace_directory
+from index.folder import Database, discard, replace_directory
 from index.gallery import GalleryIndex
 from index.store import NewItem
 from models.bundle import Bundle
@@ -50,12 +49,13 @@ def index_folder(
     rebuild: bool = False,
     factory: str | None = None,
     max_index_memory: int | None = None,
+    database: Database | None = None,
 ) -> GalleryIndex:
-    """Add the readable images below gallery_dir to the index at out_dir, skipping files
-    already indexed (same content); build it afresh when there is none, when it belongs to
-    another model, or with rebuild. Each file is read once to hash it and decoded once to
-    embed it. max_index_memory (bytes, kept with the collection) makes the chosen index kind
-    IVF-PQ where Flat or HNSW would need more."""
+    """Add the readable images below gallery_dir to the index at out_dir (its items in the
+    database if given), skipping files already indexed (same content); build it afresh when
+    there is none, when it belongs to another model, or with rebuild. Each file is read once to
+    hash it and decoded once to embed it. max_index_memory (bytes, kept with the collection)
+    makes the chosen index kind IVF-PQ where Flat or HNSW would need more."""
     paths, skipped = scan_images(gallery_dir) if gallery_dir.is_dir() else ([], [])
     if not paths:
         raise DatasetError(
@@ -63,17 +63,21 @@ def index_folder(
             + (f"; skipped: {listing(skipped)}" if skipped else "")
             + ". Pass the folder of images to index."
         )
-    target = out_dir
-    gallery = None if rebuild else open_for_update(out_dir, bundle, factory, max_index_memory)
-    if gallery is None:
+    target, target_database = out_dir, database
+    gallery = (
+        None if rebuild else open_for_update(out_dir, bundle, factory, max_index_memory, database)
+    )
+    if gallery is None:  # built aside, then put in place of the old collection
         target = out_dir.with_name(f".{out_dir.name}.building-{os.getpid()}")
-        shutil.rmtree(target, ignore_errors=True)
+        target_database = database.staging() if database is not None else None
+        discard(target, target_database)
         gallery = GalleryIndex.create(
             bundle.embedding_dim,
             bundle.fingerprint,
             target,
             factory,
             max_index_memory=max_index_memory,
+            database=target_database,
         )
     known = gallery.known_contents()
     hashes = [hashlib.sha256(path.read_bytes()).hexdigest() for path in paths]
@@ -90,7 +94,7 @@ def index_folder(
     if not readable and len(new) == len(paths):  # not one image of the folder is indexed
         gallery.close()
         if target != out_dir:
-            shutil.rmtree(target, ignore_errors=True)
+            discard(target, target_database)
         raise DatasetError(
             f"none of the {len(new)} image files below {gallery_dir} could be indexed: "
             f"{listing(problems)}. Replace or remove them and run 'imgsim index' again."
@@ -103,17 +107,21 @@ def index_folder(
         gallery.add(encoded.embeddings, items)
     gallery.close()
     if target != out_dir:
-        replace_directory(target, out_dir)
+        replace_directory(target, out_dir, database)
     return gallery
 
 
 def open_for_update(
-    out_dir: Path, bundle: Bundle, factory: str | None, max_index_memory: int | None
+    out_dir: Path,
+    bundle: Bundle,
+    factory: str | None,
+    max_index_memory: int | None,
+    database: Database | None = None,
 ) -> GalleryIndex | None:
-    """The existing index at out_dir when it is of this bundle's model (kept within
-    max_index_memory bytes from now on, when given), else None."""
+    """The existing index at out_dir (its items in the database if given) when it is of this
+    bundle's model (kept within max_index_memory bytes from now on, when given), else None."""
     try:
-        gallery = GalleryIndex.load(out_dir, bundle.fingerprint, factory=factory)
+        gallery = GalleryIndex.load(out_dir, bundle.fingerprint, factory=factory, database=database)
     except IndexMissing:
         return None
     except ModelMismatch:
@@ -180,11 +188,13 @@ def evaluate_folder(
     workers: int = WORKERS,
     device: str = "auto",
     runtime: str = "torch",
+    database: Database | None = None,
 ) -> dict[str, Any]:
     """Evaluate a bundle on held-out class folders; write report.json and report.html.
 
-    The gallery is index_dir, else BUNDLE/index when it exists, else (or with use_index=False)
-    the evaluation images themselves, each query leaving itself out.
+    The gallery is index_dir, else BUNDLE/index when it exists or a database holds its items,
+    else (or with use_index=False) the evaluation images themselves, each query leaving itself
+    out.
     """
     bundle = Bundle.load(bundle_dir, device)
     bundle.use_runtime(runtime)
@@ -194,9 +204,12 @@ def evaluate_folder(
     probabilities, embeddings = bundle.classify(images.paths, batch_size, workers)
     layout = BundleLayout(bundle_dir)
     gallery_dir = index_dir or layout.index
-    if use_index and (index_dir is not None or gallery_dir.exists()):
-        gallery = GalleryIndex.load(gallery_dir, bundle.fingerprint)
-        neighbours = _gallery_neighbours(gallery, embeddings, images.paths, knn_k, gallery_dir)
+    if use_index and (index_dir is not None or database is not None or gallery_dir.exists()):
+        gallery = GalleryIndex.load(gallery_dir, bundle.fingerprint, database=database)
+        try:
+            neighbours = _gallery_neighbours(gallery, embeddings, images.paths, knn_k, gallery_dir)
+        finally:
+            gallery.close()
     else:
         neighbours = leave_one_out(embeddings, images.folders, knn_k)
     report = evaluate(
