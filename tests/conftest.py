@@ -1,4 +1,5 @@
-"""Shared fixtures: a small generated dataset and one tiny trained bundle for the session."""
+"""Shared fixtures: a small generated dataset and one tiny trained bundle for the session, and
+(tests/postgres.py) a PostgreSQL server for the tests of that item store."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from models.backbones import imagenet_checkpoint_path
 from models.bundle import Bundle
 from models.samples import make_sample_dataset
 from models.training import TrainConfig, train
+
+pytest_plugins = ["tests.postgres"]  # its fixtures: postgres, postgres_url, database
 
 TINY = {"backbone": "resnet18", "weights": "none", "device": "cpu", "workers": 0}
 SIZE = 64  # the shapes are drawn at this size, and the session bundle trains and serves at it
