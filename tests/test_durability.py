@@ -7,7 +7,7 @@ it and checks. A round's kill lands at a uniformly random point of the write cyc
 embed, keep the file, SQLite commit, FAISS add, snapshot, respond); if a fraction f of that
 cycle were unsafe, n rounds would all miss it with probability (1 - f)^n: 6 rounds here catch a
 window of a fifth of the cycle 74% of the time, and benchmarks/crash_recovery.py runs 50 rounds
-(a window of 6% of the cycle: 95%).
+(a window of 6% of the cycle: 95%). It runs with the items in SQLite and in PostgreSQL.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import hashlib
 import os
 import random
 import signal
-import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -25,9 +24,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from index.folder import ITEMS_FILE
+from index.folder import Database
 from index.gallery import GalleryIndex
 from models.bundle import Bundle
+from tests.postgres import behind_imgsims_back
 from tests.servers import free_port, start_server
 from tests.synthetic import noise_png
 
@@ -59,10 +59,11 @@ def post_until_killed(url: str, seeds: Iterator[int], acknowledged: dict[int, st
                 acknowledged[image["id"]] = image["sha256"]
 
 
-def check_recovered(url: str, index_dir: Path, acknowledged: dict[int, str]) -> None:
-    """Every acknowledged item is stored and indexed, and the index agrees with SQLite."""
-    with sqlite3.connect(index_dir / ITEMS_FILE) as db:
-        stored = {row[0] for row in db.execute("SELECT id FROM items")}
+def check_recovered(
+    url: str, index_dir: Path, acknowledged: dict[int, str], database: Database | None
+) -> None:
+    """Every acknowledged item is stored and indexed, and the index agrees with the store."""
+    stored = {row[0] for row in behind_imgsims_back(index_dir, database, "SELECT id FROM items")}
     with httpx.Client(base_url=url, timeout=30) as client:
         info = client.get("/index").json()
         assert info["size"] == len(stored), "FAISS and SQLite disagree"
@@ -80,7 +81,13 @@ def check_recovered(url: str, index_dir: Path, acknowledged: dict[int, str]) -> 
         assert len(found) == min(100, len(stored) - 1)
 
 
-def crash_rounds(bundle_dir: Path, index_dir: Path, rounds: int, seed: int = 0) -> int:
+def crash_rounds(
+    bundle_dir: Path,
+    index_dir: Path,
+    rounds: int,
+    seed: int = 0,
+    database: Database | None = None,
+) -> int:
     """Run rounds of write / kill -9 / restart / check; returns how many images were acked."""
     rng = random.Random(seed)
     seeds = iter(range(10**9))
@@ -88,7 +95,8 @@ def crash_rounds(bundle_dir: Path, index_dir: Path, rounds: int, seed: int = 0) 
     errors: list[BaseException] = []
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    server = start_server(bundle_dir, index_dir, port, SNAPSHOT_OFTEN)
+    env = SNAPSHOT_OFTEN | ({} if database is None else {"IMGSIM_DATABASE_URL": database.url})
+    server = start_server(bundle_dir, index_dir, port, env)
     try:
         for _ in range(rounds):
             writer = threading.Thread(
@@ -101,8 +109,8 @@ def crash_rounds(bundle_dir: Path, index_dir: Path, rounds: int, seed: int = 0) 
             writer.join()
             if errors:
                 raise errors[0]
-            server = start_server(bundle_dir, index_dir, port, SNAPSHOT_OFTEN)
-            check_recovered(url, index_dir, acknowledged)
+            server = start_server(bundle_dir, index_dir, port, env)
+            check_recovered(url, index_dir, acknowledged, database)
     finally:
         server.kill()
         server.wait()
@@ -110,11 +118,16 @@ def crash_rounds(bundle_dir: Path, index_dir: Path, rounds: int, seed: int = 0) 
 
 
 @pytest.mark.slow
-def test_acknowledged_images_survive_kill_9(trained_bundle_dir: Path, tmp_path: Path) -> None:
+def test_acknowledged_images_survive_kill_9(
+    trained_bundle_dir: Path, tmp_path: Path, database: Database | None
+) -> None:
     bundle = Bundle.load(trained_bundle_dir, "cpu")
     index_dir = tmp_path / "index"
-    GalleryIndex.create(bundle.embedding_dim, bundle.fingerprint, index_dir).close()
-    acknowledged = crash_rounds(trained_bundle_dir, index_dir, ROUNDS)
+    GalleryIndex.create(
+        bundle.embedding_dim, bundle.fingerprint, index_dir, database=database
+    ).close()
+    acknowledged = crash_rounds(trained_bundle_dir, index_dir, ROUNDS, database=database)
     assert acknowledged >= ROUNDS  # writes really were in flight when the kills came
-    reopened = GalleryIndex.load(index_dir, bundle.fingerprint)
+    reopened = GalleryIndex.load(index_dir, bundle.fingerprint, database=database)
     assert reopened.consistent() and len(reopened) >= acknowledged
+    reopened.close()

@@ -1,13 +1,14 @@
 """The gallery as a living collection: exact search, filters, adds and deletes, duplicates,
-durability of the SQLite store, recovery of the FAISS snapshot, the index kind under a memory
-limit, and building one from a folder (with a stand-in for the model bundle)."""
+durability of the item store, recovery of the FAISS snapshot, the index kind under a memory
+limit, and building one from a folder (with a stand-in for the model bundle). The tests that
+take `database` run with each item store, SQLite and PostgreSQL (tests/postgres.py)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -16,10 +17,12 @@ import pytest
 from app.stages import index_folder
 from index import kinds
 from index.errors import DuplicateExternalId, EmptyIndex, IndexMissing, ItemNotFound, ModelMismatch
+from index.folder import Database
 from index.gallery import GalleryIndex
 from index.snapshot import INFO_FILE
-from index.store import ItemStore, NewItem
+from index.store import BaseItemStore, NewItem
 from models.bundle import Encoded
+from tests.postgres import behind_imgsims_back
 from tests.synthetic import noise_png
 
 
@@ -35,16 +38,21 @@ def items(n: int, start: int = 0) -> list[NewItem]:
 VECTORS = unit_vectors(200, 16, seed=0)
 
 
-def filled(directory: Path | None = None, factory: str | None = None) -> GalleryIndex:
-    gallery = GalleryIndex.create(16, "abc", directory, factory=factory)
+def filled(
+    directory: Path | None = None, factory: str | None = None, database: Database | None = None
+) -> GalleryIndex:
+    gallery = GalleryIndex.create(16, "abc", directory, factory=factory, database=database)
     ids = [a.id for a in gallery.add(VECTORS, items(200))]
     assert ids == list(range(1, 201))  # ids start at 1; item i has id i + 1
     return gallery
 
 
 @pytest.fixture
-def gallery() -> GalleryIndex:
-    return filled()
+def gallery(tmp_path: Path, database: Database | None) -> Iterator[GalleryIndex]:
+    """200 items: in memory, or with their items in PostgreSQL (and a folder for FAISS)."""
+    gallery = filled(None if database is None else tmp_path / "idx", database=database)
+    yield gallery
+    gallery.close()
 
 
 def brute_force(queries: np.ndarray, keep: np.ndarray, k: int) -> list[list[int]]:
@@ -143,30 +151,54 @@ def test_external_ids_are_unique(gallery: GalleryIndex) -> None:
     assert gallery.get(one).external_id == "sku-1"
     with pytest.raises(DuplicateExternalId, match="sku-1"):
         gallery.add(VECTORS[:1], [NewItem("/b.png", external_id="sku-1")])
-    assert len(gallery) == 201 and gallery.consistent()
+    twice = [NewItem("/c.png", external_id="sku-2"), NewItem("/d.png", external_id="sku-2")]
+    with pytest.raises(DuplicateExternalId, match="sku-2"):  # within one batch too
+        gallery.add(VECTORS[:2], twice)
+    assert len(gallery) == 201 and gallery.store.count() == 201 and gallery.consistent()
 
 
-def test_reload_serves_the_same_and_ids_are_never_reused(tmp_path: Path) -> None:
-    gallery = filled(tmp_path / "idx")
+def test_items_are_read_back_by_id_page_label_and_content(gallery: GalleryIndex) -> None:
+    item = gallery.get(5)
+    assert (item.id, item.path, item.label, item.external_id) == (5, "/g/4.png", "even", None)
+    items, total = gallery.page(label="odd", offset=10, limit=3)
+    assert total == 100 and [i.id for i in items] == [22, 24, 26]  # /g/21.png, /g/23.png, ...
+    sha = "ab" * 32
+    [added] = gallery.add(VECTORS[:1], [NewItem("/n.png", sha256=sha)])
+    assert gallery.page(label="") == ([gallery.get(added.id)], 1)  # '' = without a label
+    assert gallery.page(offset=199, limit=5)[1] == 201
+    assert gallery.labels() == {"even": 100, "odd": 100, None: 1}
+    assert gallery.ids_of_content(sha) == [added.id] and gallery.known_contents() == {sha}
+    assert gallery.contents_by_path()["/n.png"] == sha and len(gallery.contents_by_path()) == 201
+
+
+def test_reload_serves_the_same_and_ids_are_never_reused(
+    tmp_path: Path, database: Database | None
+) -> None:
+    gallery = filled(tmp_path / "idx", database=database)
     gallery.delete(200)
     queries = unit_vectors(3, 16, seed=2)
     before = gallery.search(queries, 5)
     gallery.close()
-    loaded = GalleryIndex.load(tmp_path / "idx", fingerprint="abc")
+    loaded = GalleryIndex.load(tmp_path / "idx", fingerprint="abc", database=database)
     assert loaded.search(queries, 5) == before
     assert loaded.labels() == {"even": 100, "odd": 99}
     assert [a.id for a in loaded.add(unit_vectors(2, 16, 5), items(2))] == [201, 202]
+    assert loaded.get(201).path == "/g/0.png" and loaded.last_change == 203
+    loaded.close()
 
 
-def test_changes_after_the_snapshot_are_caught_up(tmp_path: Path) -> None:
-    gallery = filled(tmp_path / "idx")
+def test_changes_after_the_snapshot_are_caught_up(
+    tmp_path: Path, database: Database | None
+) -> None:
+    gallery = filled(tmp_path / "idx", database=database)
     gallery.snapshot()
     gallery.delete(7)
     gallery.add(unit_vectors(1, 16, 9), items(1))
     gallery.store.close()  # as if killed: no final snapshot
-    loaded = GalleryIndex.load(tmp_path / "idx")
+    loaded = GalleryIndex.load(tmp_path / "idx", database=database)
     assert len(loaded) == 200 and loaded.consistent() and loaded.last_change == 202
     assert 7 not in ids_of(loaded.search(VECTORS[6], 10))[0]
+    loaded.close()
 
 
 @pytest.mark.parametrize("damage", ["truncate", "other model", "delete"])
@@ -189,10 +221,13 @@ def test_a_bad_snapshot_is_rebuilt_loudly(
     assert loaded.search(VECTORS[3], 1)[0][0].id == 4
 
 
-def test_another_models_index_is_refused(tmp_path: Path) -> None:
-    filled(tmp_path).close()
+def test_another_models_index_is_refused(tmp_path: Path, database: Database | None) -> None:
+    filled(tmp_path, database=database).close()
     with pytest.raises(ModelMismatch, match="imgsim index"):
-        GalleryIndex.load(tmp_path, fingerprint="other")
+        GalleryIndex.load(tmp_path, fingerprint="other", database=database)
+    with pytest.raises(FileExistsError):  # nor is a second collection made in its place
+        GalleryIndex.create(16, "other", tmp_path, database=database)
+    GalleryIndex.load(tmp_path, fingerprint="abc", database=database).close()
 
 
 def test_missing_old_and_empty_indexes(tmp_path: Path) -> None:
@@ -275,7 +310,10 @@ class StubBundle:
 
 
 def test_index_folder_decodes_once_and_builds_the_final_kind_once(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    database: Database | None,
 ) -> None:
     photos = tmp_path / "photos"
     for seed in range(300):
@@ -294,18 +332,33 @@ def test_index_folder_decodes_once_and_builds_the_final_kind_once(
 
     tune_search = kinds.tune_search
     with monkeypatch.context() as patch, caplog.at_level(logging.WARNING, logger="app.stages"):
-        patch.setattr(ItemStore, "embeddings", no_reading_back)
+        patch.setattr(BaseItemStore, "embeddings", no_reading_back)
         patch.setattr(kinds, "tune_search", counted)
         gallery = index_folder(
-            photos, bundle, tmp_path / "index", max_index_memory=flat_bytes(300, 16) // 2
+            photos,
+            bundle,
+            tmp_path / "index",
+            max_index_memory=flat_bytes(300, 16) // 2,
+            database=database,
         )
     assert len(bundle.encoded) == 1 and len(bundle.encoded[0]) == 301  # one decode pass
     assert len(tunings) == 1  # one index built, of the final kind, tuned once
     [warning] = [r.getMessage() for r in caplog.records if "unreadable" in r.getMessage()]
     assert "skipping 1 unreadable file(s)" in warning and "broken.png (cannot identify" in warning
-    reopened = GalleryIndex.load(tmp_path / "index", "stub")
+    reopened = GalleryIndex.load(tmp_path / "index", "stub", database=database)
     assert reopened.info()["index_type"].startswith("IVF") and len(reopened) == len(gallery) == 300
     assert reopened.labels() == {"a": 150, "b": 150} and reopened.consistent()
     reopened.close()
-    index_folder(photos, bundle, tmp_path / "index")  # nothing new: only the broken file again
+    # nothing new: only the broken file again
+    index_folder(photos, bundle, tmp_path / "index", database=database)
     assert [p.name for p in bundle.encoded[1]] == ["broken.png"]
+    # a rebuild is made aside and put in place of the collection: the same items, anew
+    rebuilt = index_folder(photos, bundle, tmp_path / "index", rebuild=True, database=database)
+    assert len(rebuilt) == 300 and len(bundle.encoded[2]) == 301
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index", "photos"]  # none left aside
+    if database is not None:
+        schemas = "SELECT nspname FROM pg_namespace WHERE nspname LIKE 'imgsim%'"
+        assert behind_imgsims_back(tmp_path, database, schemas) == [("imgsim",)]
+    reopened = GalleryIndex.load(tmp_path / "index", "stub", database=database)
+    assert len(reopened) == 300 and reopened.consistent() and reopened.last_change == 300
+    reopened.close()

@@ -1,4 +1,5 @@
-"""Index files: checked at open, whole after close, backed up, none left by a failed add."""
+"""Index files: checked at open, whole after close, backed up, none left by a failed add. The
+tests that take `database` run with the items in SQLite and in PostgreSQL (tests/postgres.py)."""
 
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ import pytest
 from app.cli import main
 from index import uploads
 from index.errors import DuplicateExternalId, IndexCorrupt, InsufficientStorage
+from index.folder import Database
 from index.gallery import GalleryIndex
 from index.store import NewItem
 from models.files import atomic_write
+from tests.postgres import behind_imgsims_back
 
 DIM = 8
 
@@ -25,9 +28,13 @@ def vectors(n: int, seed: int = 0) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def collection(directory: Path, n: int = 300, close: bool = True) -> GalleryIndex:
+def collection(
+    directory: Path, n: int = 300, close: bool = True, database: Database | None = None
+) -> GalleryIndex:
     """A collection of n items, each with a kept image file (its bytes: its number)."""
-    gallery = GalleryIndex.create(DIM, "model-a", directory, snapshot_every=10_000)
+    gallery = GalleryIndex.create(
+        DIM, "model-a", directory, snapshot_every=10_000, database=database
+    )
     for start in range(0, n, 50):
         batch = range(start, min(n, start + 50))
         items = [_item(gallery, i) for i in batch]
@@ -47,9 +54,12 @@ def index_dir(tmp_path: Path) -> Path:
     return tmp_path / "index"
 
 
-def test_a_whole_index_opens(index_dir: Path) -> None:
+def test_a_whole_index_opens(tmp_path: Path, database: Database | None) -> None:
+    collection(tmp_path / "index", database=database)
     for thorough in (False, True):
-        gallery = GalleryIndex.load(index_dir, "model-a", thorough_check=thorough)
+        gallery = GalleryIndex.load(
+            tmp_path / "index", "model-a", thorough_check=thorough, database=database
+        )
         assert len(gallery) == 300 and gallery.consistent()
         gallery.close()
 
@@ -118,20 +128,29 @@ def test_after_close_the_database_file_alone_is_complete(tmp_path: Path) -> None
 
 
 def test_a_backup_restores_a_working_index(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], database: Database | None
 ) -> None:
+    """A backup is a folder with its own items.sqlite: from PostgreSQL too, it is served as it
+    is, and its ids and seqs go on where the database's would."""
     index_dir = tmp_path / "index"
-    gallery = collection(index_dir, n=120, close=False)  # open, as under a running server
-    assert main(["backup", str(index_dir), str(tmp_path / "copy")]) == 0
-    assert "backed up 120 items" in capsys.readouterr().out
+    gallery = collection(index_dir, n=120, close=False, database=database)  # as when served
+    gallery.delete(120)
+    gallery.add(vectors(1, 7), [_item(gallery, 500, "sku-500")], contents=[b"image 500"])
+    gallery.snapshot()
+    gallery.delete(3)  # after the snapshot: the copy catches it up from its items
+    with_database = [] if database is None else ["--database", database.url]
+    assert main(["backup", str(index_dir), str(tmp_path / "copy"), *with_database]) == 0
+    assert "backed up 119 items" in capsys.readouterr().out
     gallery.close()
     shutil.rmtree(index_dir)
     shutil.move(tmp_path / "copy", index_dir)
     restored = GalleryIndex.load(index_dir, "model-a", thorough_check=True)
-    assert len(restored) == 120 and restored.consistent()
+    assert len(restored) == 119 and restored.consistent() and restored.last_change == 123
     item = restored.get(7)
     assert Path(item.path).read_bytes() == b"image 6"  # ids start at 1
+    assert restored.get(121).external_id == "sku-500"
     assert restored.search(vectors(1, 0)[:1], 1)[0][0].id == 1
+    assert [a.id for a in restored.add(vectors(1, 8), [_item(restored, 501)])] == [122]
     restored.close()
 
 
@@ -140,8 +159,8 @@ def test_a_backup_never_overwrites(index_dir: Path, tmp_path: Path) -> None:
     assert main(["backup", str(index_dir), str(tmp_path / "copy")]) == 2
 
 
-def test_a_repeated_409_leaves_no_file(tmp_path: Path) -> None:
-    gallery = collection(tmp_path / "index", n=3, close=False)
+def test_a_repeated_409_leaves_no_file(tmp_path: Path, database: Database | None) -> None:
+    gallery = collection(tmp_path / "index", n=3, close=False, database=database)
     gallery.add(vectors(1, 9), [_item(gallery, 900, "x")], contents=[b"first"])
     images = sorted((tmp_path / "index" / "images").iterdir())
     for attempt in range(3):
@@ -232,3 +251,16 @@ def test_a_file_from_before_checksums_gets_them_and_is_checked(index_dir: Path) 
     connection.close()
     with pytest.raises(IndexCorrupt, match=r"ids 7\)"):
         GalleryIndex.load(index_dir, "model-a")
+
+
+def test_a_row_changed_behind_imgsims_back_is_named(
+    tmp_path: Path, database: Database | None
+) -> None:
+    collection(tmp_path / "index", n=60, database=database)
+    behind_imgsims_back(tmp_path / "index", database, "UPDATE items SET label = 'm' WHERE id = 7")
+    with pytest.raises(IndexCorrupt, match=r"1 damaged row\(s\) \(ids 7\).*--rebuild"):
+        GalleryIndex.load(tmp_path / "index", "model-a", database=database)
+    embedding = "UPDATE items SET embedding = ? WHERE id IN (8, 9)"
+    behind_imgsims_back(tmp_path / "index", database, embedding, (vectors(1, 1).tobytes(),))
+    with pytest.raises(IndexCorrupt, match=r"3 damaged row\(s\) \(ids 7, 8, 9\)"):
+        GalleryIndex.load(tmp_path / "index", "model-a", database=database)
