@@ -1,4 +1,5 @@
-"""The imgsim command: help, one-paragraph errors, and train -> index on a small folder."""
+"""The imgsim command: help, one-paragraph errors, train -> index on a small folder, and index,
+eval, serve and backup of a collection whose items are in PostgreSQL."""
 
 from __future__ import annotations
 
@@ -6,12 +7,16 @@ import io
 import json
 from pathlib import Path
 
+import httpx
 import pytest
 from PIL import Image
 
 from app.cli import main
+from index.folder import ITEMS_FILE
 from index.gallery import GalleryIndex
 from models.bundle import Bundle
+from tests.servers import free_port, start_server
+from tests.synthetic import noise_png
 
 
 def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -161,3 +166,57 @@ def test_options_and_their_defaults_come_from_the_training_config() -> None:
         ["train", "p", "--out", "b", "--no-probe", "--train-bn", "--lr", "0.01"]
     )
     assert config_from(tuned) == TrainConfig(probe=False, freeze_bn=False, lr=0.01)
+
+
+@pytest.mark.slow
+def test_a_collection_in_postgres_is_indexed_evaluated_served_and_backed_up(
+    trained_bundle_dir: Path,
+    shapes_dir: Path,
+    tmp_path: Path,
+    postgres_url: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """imgsim index --database, again with --rebuild, eval --database, serve with
+    IMGSIM_DATABASE_URL, and a backup that opens without the database."""
+    index_dir = tmp_path / "index"
+    fast = ["--device", "cpu", "--workers", "0", "--runtime", "torch"]
+    where = ["--model", str(trained_bundle_dir), "--database", postgres_url]
+    for again in ([], ["--rebuild"]):  # a rebuild is made aside and put in place
+        code, out, err = run(
+            ["index", str(shapes_dir), "--out", str(index_dir), *where, *fast, *again], capsys
+        )
+        assert code == 0, err
+        assert "indexed 40 images" in out and "(items in postgresql://" in out
+    assert not (index_dir / ITEMS_FILE).exists() and (index_dir / "snapshot.json").is_file()
+
+    report = tmp_path / "eval"
+    code, out, err = run(
+        ["eval", str(shapes_dir), "--index", str(index_dir), "--out", str(report), *where, *fast],
+        capsys,
+    )
+    assert code == 0, err
+    gallery = json.loads((report / "report.json").read_text())["bundle"]["gallery"]
+    assert gallery == f"index {index_dir} (40 images)"
+
+    port = free_port()
+    env = {"IMGSIM_DATABASE_URL": postgres_url}
+    server = start_server(trained_bundle_dir, index_dir, port, env, ["--runtime", "torch"])
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+            assert client.get("/index").json()["size"] == 40
+            upload = [("files", ("new.png", noise_png(5), "image/png"))]
+            response = client.post("/images", files=upload, data={"label": "new"})
+            assert response.status_code == 201, response.text
+            [added] = response.json()["images"]
+            assert client.get(f"/images/{added['id']}").json()["label"] == "new"
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+    code, out, err = run(["backup", str(index_dir), str(tmp_path / "copy"), *where[2:]], capsys)
+    assert code == 0, err
+    assert "backed up 41 items" in out
+    fingerprint = Bundle.load(trained_bundle_dir, "cpu").fingerprint
+    copy = GalleryIndex.load(tmp_path / "copy", fingerprint)  # SQLite, no database
+    assert len(copy) == 41 and copy.consistent() and copy.get(added["id"]).label == "new"
+    copy.close()
