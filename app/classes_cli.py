@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from index.folder import Database
 from index.gallery import GalleryIndex
 from models import imprint
 from models.bundle import Bundle
@@ -21,12 +22,14 @@ def change_classes(
     name: str | None = None,
     folder: Path | None = None,
     workers: int = WORKERS,
+    database: Database | None = None,
 ) -> Classifier:
     """add NAME from the images below folder, add examples to NAME, or remove NAME, in the
-    collection at index_dir (default BUNDLE/index); list changes nothing. A server of that
-    collection sees the change once restarted."""
+    collection at index_dir (default BUNDLE/index; its items in the database if given); list
+    changes nothing. A server of that collection sees the change once restarted."""
     bundle = Bundle.load(bundle_dir)
-    gallery = GalleryIndex.load(index_dir or BundleLayout(bundle_dir).index, bundle.fingerprint)
+    index_dir = index_dir or BundleLayout(bundle_dir).index
+    gallery = GalleryIndex.load(index_dir, bundle.fingerprint, database=database)
     try:
         trained = Classifier.of(bundle.config.classes, bundle.net.classifier, bundle.fingerprint)
         current = trained.replaced(imprint.load(gallery.added_classes()))

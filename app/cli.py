@@ -390,6 +390,7 @@ def _classes_arguments(parser: argparse.ArgumentParser) -> None:
     )
     _path(parser, "--model", "BUNDLE", "trained bundle folder")
     _path(parser, "--index", "DIR", "the collection (default: BUNDLE/index)")
+    _database_option(parser)
     add_options(parser, ("workers",))
 
 
@@ -404,7 +405,7 @@ def _run_classes(args: argparse.Namespace) -> None:
     if args.action == "add" and args.images is None:
         raise DatasetError("imgsim classes add needs the folder of example images: NAME DIR.")
     classifier = change_classes(
-        args.action, args.model, args.index, args.name, args.images, args.workers
+        args.action, args.model, args.index, args.name, args.images, args.workers, _database(args)
     )
     for added in classifier.added:
         print(f"{added.name}\tadded from {added.examples} image(s)")

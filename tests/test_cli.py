@@ -176,7 +176,7 @@ def test_a_collection_in_postgres_is_indexed_evaluated_served_and_backed_up(
     postgres_url: str,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """imgsim index --database, again with --rebuild, eval --database, serve with
+    """imgsim index --database, again with --rebuild, eval and classes --database, serve with
     IMGSIM_DATABASE_URL, and a backup that opens without the database."""
     index_dir = tmp_path / "index"
     fast = ["--device", "cpu", "--workers", "0", "--runtime", "torch"]
@@ -198,12 +198,33 @@ def test_a_collection_in_postgres_is_indexed_evaluated_served_and_backed_up(
     gallery = json.loads((report / "report.json").read_text())["bundle"]["gallery"]
     assert gallery == f"index {index_dir} (40 images)"
 
+    examples = tmp_path / "noise"
+    examples.mkdir()
+    (examples / "0.png").write_bytes(noise_png(0))
+    code, out, err = run(
+        [
+            "classes",
+            "add",
+            "noise",
+            str(examples),
+            "--index",
+            str(index_dir),
+            *where,
+            "--workers",
+            "0",
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    assert "noise\tadded from 1 image(s)" in out
+
     port = free_port()
     env = {"IMGSIM_DATABASE_URL": postgres_url}
     server = start_server(trained_bundle_dir, index_dir, port, env, ["--runtime", "torch"])
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
             assert client.get("/index").json()["size"] == 40
+            assert client.get("/classes").json()["classes"][-1]["name"] == "noise"
             upload = [("files", ("new.png", noise_png(5), "image/png"))]
             response = client.post("/images", files=upload, data={"label": "new"})
             assert response.status_code == 201, response.text
