@@ -34,6 +34,20 @@ class Cluster:
     """A running PostgreSQL server for tests, reached through the socket in its folder."""
 
     folder: Path
+    as_owner: list[str]  # how its commands run as the cluster's owner
+
+    @property
+    def data(self) -> Path:
+        return self.folder / "data"
+
+    @property
+    def log(self) -> Path:
+        return self.folder / "server.log"  # the server's output: a pipe would keep _run waiting
+
+    def restart(self) -> None:
+        """Stop the server (closing every connection to it) and start it again."""
+        pg_ctl = [*self.as_owner, BINARIES / "pg_ctl", "-D", self.data, "-l", self.log]
+        _run([*pg_ctl, "-m", "fast", "-w", "restart"])  # with the options it was started with
 
     def url(self, name: str) -> str:
         return f"postgresql://postgres@/{name}?host={self.folder}&port={PORT}"
@@ -65,13 +79,14 @@ def postgres() -> Iterator[Cluster]:
     if os.geteuid() == 0:  # the server refuses to run as root: the postgres user owns the folder
         shutil.chown(folder, "postgres", "postgres")
         as_owner = ["runuser", "-u", "postgres", "--"]
-    data, log = folder / "data", folder / "server.log"
+    cluster = Cluster(folder, as_owner)
+    data, log = cluster.data, cluster.log
     settings = f"-k {folder} -p {PORT} -c listen_addresses='' -c max_connections=300"
     try:
         _run([*as_owner, BINARIES / "initdb", "-D", data, "-U", "postgres", "-A", "trust",
               "-E", "UTF8", "--no-sync"])  # fmt: skip
         _run([*as_owner, BINARIES / "pg_ctl", "-D", data, "-l", log, "-o", settings, "-w", "start"])
-        yield Cluster(folder)
+        yield cluster
     finally:
         if (data / "postmaster.pid").exists():
             _run([*as_owner, BINARIES / "pg_ctl", "-D", data, "-m", "immediate", "stop"])

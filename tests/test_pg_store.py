@@ -1,5 +1,5 @@
 """What only the PostgreSQL item store has: its schema's migrations, a database without a
-collection, a server out of reach. What both stores share is tested with both, in
+collection, a server restarted or out of reach. What both stores share is tested with both, in
 test_gallery.py, test_index_files.py, test_concurrency.py and test_durability.py."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from index.errors import DatabaseUnavailable, IncompatibleIndex, IndexMissing
 from index.folder import Database
 from index.gallery import GalleryIndex
 from index.store import NewItem
-from tests.postgres import behind_imgsims_back
+from tests.postgres import Cluster, behind_imgsims_back
 
 
 def ten(directory: Path, database: Database) -> None:
@@ -86,3 +86,20 @@ def test_a_server_out_of_reach_is_named_without_its_password(tmp_path: Path) -> 
     with pytest.raises(DatabaseUnavailable, match="cannot use the PostgreSQL database") as err:
         GalleryIndex.load(tmp_path, "fp", database=database)
     assert "s3cret" not in str(err.value)
+
+
+def test_a_restarted_server_costs_no_failed_call(
+    tmp_path: Path, postgres: Cluster, postgres_url: str
+) -> None:
+    """The pool checks a connection before handing it out: those the restart closed are
+    replaced, and the next search and add answer as if nothing happened."""
+    database = Database(postgres_url)
+    ten(tmp_path, database)
+    gallery = GalleryIndex.load(tmp_path, "fp", database=database)
+    first = np.eye(4, dtype=np.float32)[:1]  # the vector of items 0, 4 and 8
+    assert {n.path for n in gallery.search(first, 3)[0]} == {"/0.png", "/4.png", "/8.png"}
+    postgres.restart()
+    assert {n.path for n in gallery.search(first, 3)[0]} == {"/0.png", "/4.png", "/8.png"}
+    [added] = gallery.add(np.eye(4, dtype=np.float32)[1:2], [NewItem("/10.png")])
+    assert added.id == 11 and gallery.get(11).path == "/10.png"
+    gallery.close()
