@@ -157,8 +157,7 @@ class PostgresItemStore(BaseItemStore):
                     f"SELECT last_value, is_called FROM {ITEM_IDS}"
                 ).fetchall()
                 meta = db.execute("SELECT key, value FROM meta").fetchall()
-                changes = db.execute("SELECT seq, op, item_id FROM changes ORDER BY seq")
-                changes = changes.fetchall()
+                changes = db.execute("SELECT seq, op, item_id FROM changes ORDER BY seq").fetchall()
                 rows = connection.cursor(name="imgsim_backup", binary=True)  # streamed
                 rows.itersize = 1000
                 rows.execute(f"SELECT {CHECKED_COLUMNS}, checksum FROM items ORDER BY id")
