@@ -223,42 +223,33 @@ def _run_index(args: argparse.Namespace) -> None:
     out = args.out or default
     database = _database(args)
     if args.engine == "ray" and database is not None:
-        raise ValueError(
+        raise DatasetError(
             "--engine ray keeps the items in the index folder's items.sqlite only, for now: "
-            "index into PostgreSQL with --engine process"
+            "index into PostgreSQL with --engine process."
         )
+    common = {
+        "batch_size": args.batch_size,
+        "rebuild": args.rebuild,
+        "factory": args.index_factory,
+        "max_index_memory": args.max_index_memory,
+    }
     if args.engine == "ray":
         from app.ray_index import index_on_ray
 
+        source = str(args.gallery_dir)
         gallery = index_on_ray(
-            str(args.gallery_dir),
-            bundle,
-            out,
-            runtime=args.runtime,
-            batch_size=args.batch_size,
-            address=args.ray_address,
-            factory=args.index_factory,
-            max_index_memory=args.max_index_memory,
-            rebuild=args.rebuild,
+            source, bundle, out, runtime=args.runtime, address=args.ray_address, **common
         )
-        print(f"indexed {len(gallery)} images into {out} (model {bundle.fingerprint})")
-        return
-    if "://" in args.gallery_dir:
+    elif "://" in args.gallery_dir:
         raise DatasetError(
             f"{args.gallery_dir} is a URI, which only --engine ray reads. Add --engine ray "
             "(pip install 'imgsim[ray]'), or copy the images to a local folder."
         )
-    gallery = index_folder(
-        Path(args.gallery_dir),
-        bundle,
-        out,
-        batch_size=args.batch_size,
-        workers=args.workers,
-        rebuild=args.rebuild,
-        factory=args.index_factory,
-        max_index_memory=args.max_index_memory,
-        database=database,
-    )
+    else:
+        folder = Path(args.gallery_dir)
+        gallery = index_folder(
+            folder, bundle, out, workers=args.workers, database=database, **common
+        )
     where = _indexed_into(out, database)
     print(f"indexed {len(gallery)} images into {where} (model {bundle.fingerprint})")
 
