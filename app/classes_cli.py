@@ -38,6 +38,11 @@ def change_classes(
         assert name is not None
         found = current.find(name)
         if action == "add" and found is None:
+            if not len(gallery):
+                raise DatasetError(
+                    "a new class is placed against the images of the collection, and it holds "
+                    "none yet: run 'imgsim index' first, then add the class."
+                )
             if not current.can_imprint:
                 raise DatasetError(
                     f"{bundle_dir} has the pretrained ImageNet classifier (a linear head), whose "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import Tensor
 
 METRIC_LOSSES = ("none", "multi-similarity")
@@ -29,7 +30,23 @@ def metric_loss(name: str) -> MetricLoss | None:
     loss, miner = losses.MultiSimilarityLoss(), miners.MultiSimilarityMiner()
 
     def multi_similarity(embeddings: Tensor, labels: Tensor) -> Tensor:
-        embeddings = embeddings.float()
+        embeddings, labels = whole_batch(embeddings.float(), labels)
         return loss(embeddings, labels, miner(embeddings, labels))
 
     return multi_similarity
+
+
+def whole_batch(embeddings: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Under DistributedDataParallel, every process's part of the batch, so that a pair loss
+    sees the pairs a single process would (the loss is then the same on every rank; the
+    gather's backward sums its gradients over the ranks and DDP averages them: the single
+    process's gradient). Outside it, the inputs."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return embeddings, labels
+    from torch.distributed.nn.functional import all_gather
+
+    gathered = [torch.empty_like(labels) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, labels)
+    return torch.cat(all_gather(embeddings)), torch.cat(gathered)

@@ -240,3 +240,19 @@ def test_the_cli_adds_lists_and_removes_classes_offline(
     assert main(["classes", "list", *model]) == 0
     listed = capsys.readouterr().out
     assert "noise" not in listed and "4 trained classes" in listed
+
+
+def test_a_class_needs_images_in_the_collection_to_be_placed_against(
+    trained_bundle_dir: Path, tmp_path: Path
+) -> None:
+    directory = tmp_path / "bundle"
+    directory.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(trained_bundle_dir / name, directory / name)
+    settings = Settings(bundle_dir=directory, device="cpu")  # its collection: made on the first add
+    with TestClient(create_app(settings)) as client:
+        answer = client.post("/classes", data={"name": "a"}, files=files(noise_png(1)))
+        assert answer.status_code == 409 and "add images first" in answer.json()["detail"]
+        assert client.post("/images", files=files(noise_png(2))).status_code == 201
+        added = client.post("/classes", data={"name": "a"}, files=files(noise_png(1)))
+        assert added.status_code == 201

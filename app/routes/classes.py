@@ -21,6 +21,12 @@ from models.imprint import MAX_NAME_LENGTH, AddedClass, Classifier, added_from, 
 router = APIRouter()
 
 WRITER = [Depends(require_writer)]
+# A new row is centred on the collection's mean embedding (models/imprint.py): without images
+# there is no centre, and a raw mean would take every answer.
+NO_CENTRE = (
+    "a new class is placed against the images of the collection, and it holds none yet: add "
+    "images first (POST /images or 'imgsim index'), then the class"
+)
 ClassName = Annotated[str, Path(description="the class's name", max_length=MAX_NAME_LENGTH)]
 Files = Annotated[list[UploadFile] | None, File(description="example images")]
 Ids = Annotated[list[int] | None, Form(description="ids of stored images to take as examples")]
@@ -57,9 +63,11 @@ async def add_class(
             "classes cannot be joined by examples: train a bundle with 'imgsim train', or "
             "classify with /classify?by=neighbours"
         )
+    gallery = service.gallery
+    if gallery is None or not len(gallery):
+        raise ClassConflict(NO_CENTRE)
     embeddings = await _examples(service, batcher, files, ids)
-    gallery = await run_in_threadpool(service.collection)
-    centre = await run_in_threadpool(gallery.mean_embedding) if gallery is not None else None
+    centre = await run_in_threadpool(gallery.mean_embedding)
 
     def change(current: Classifier) -> list[AddedClass]:
         try:
@@ -67,8 +75,7 @@ async def add_class(
         except ValueError as err:
             exists = any(n == name.strip() for n in current.names)
             raise (ClassConflict if exists else InvalidRequest)(str(err)) from None
-        mean = centre if centre is not None else np.zeros(embeddings.shape[1])
-        return [*current.added, added_from(checked, embeddings, mean)]
+        return [*current.added, added_from(checked, embeddings, centre)]
 
     return _listing(await run_in_threadpool(service.change_classes, change))
 
