@@ -74,7 +74,13 @@ class ClassNotFound(ImgsimError):
 
 
 class NotReady(ImgsimError):
-    """The service cannot answer model requests (inference worker stopped, no index)."""
+    """The service cannot answer model requests (inference worker stopped, no index, the
+    database out of reach: then it says when to try again)."""
+
+    def __init__(self, message: str, retry_after: int | None = None):
+        super().__init__(message)
+        if retry_after is not None:
+            self.headers = {"Retry-After": str(retry_after)}
 
 
 STATUS: list[tuple[type[Exception], int]] = [  # first match wins: subclasses before bases
@@ -109,6 +115,7 @@ def status_of(error: Exception) -> int:
 
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+DATABASE_RETRY_S = 2  # Retry-After while PostgreSQL is out of reach
 
 
 def install(app: FastAPI, on_unhandled: Callable[[], object] = lambda: None) -> None:
@@ -116,10 +123,11 @@ def install(app: FastAPI, on_unhandled: Callable[[], object] = lambda: None) -> 
     and anything unexpected with a logged JSON 500 that names the request id."""
 
     async def handle(request: Request, error: Exception) -> JSONResponse:
+        headers = getattr(error, "headers", None)
+        if isinstance(error, DatabaseUnavailable):  # restarting, most likely: back in seconds
+            headers = {"Retry-After": str(DATABASE_RETRY_S)}
         return JSONResponse(
-            status_code=status_of(error),
-            content={"detail": str(error)},
-            headers=getattr(error, "headers", None),
+            status_code=status_of(error), content={"detail": str(error)}, headers=headers
         )
 
     async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:

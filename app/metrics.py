@@ -12,6 +12,8 @@ from prometheus_client.core import InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from index.follower import FollowerState
+
 if TYPE_CHECKING:
     from app.service import Service
 
@@ -65,6 +67,19 @@ class Metrics:
         self.index_size = Gauge(
             "imgsim_index_size", "items in the gallery index", registry=self.registry
         )
+        self.change_applied = Gauge(
+            "imgsim_change_applied", "the last change the index holds", registry=self.registry
+        )
+        self.change_lag = Gauge(
+            "imgsim_change_lag",
+            "changes other replicas committed that this one has not applied",
+            registry=self.registry,
+        )
+        self.change_lag_seconds = Gauge(
+            "imgsim_change_lag_seconds",
+            "how long this replica has known of a change it has not applied",
+            registry=self.registry,
+        )
         self._served: _Served | None = None
 
     def observe_forward(self, images: int, seconds: float) -> None:
@@ -78,6 +93,9 @@ class Metrics:
         self.index_size.set_function(
             lambda: len(service.gallery) if service.gallery is not None else 0
         )
+        self.change_applied.set_function(lambda: _lag(service).applied)
+        self.change_lag.set_function(lambda: _lag(service).lag_changes)
+        self.change_lag_seconds.set_function(lambda: _lag(service).lag_seconds)
         if self._served is not None:  # the app was started again
             self.registry.unregister(self._served)
         self._served = _Served(service)
@@ -86,6 +104,14 @@ class Metrics:
     def render(self) -> bytes:
         """Every metric in the Prometheus text format."""
         return generate_latest(self.registry)
+
+
+def _lag(service: Service) -> FollowerState:
+    """How far behind the other replicas the service is: none where nobody shares its store."""
+    if service.follower is not None:
+        return service.follower.state()
+    applied = service.gallery.last_change if service.gallery is not None else 0
+    return FollowerState(applied, applied, 0.0, None)
 
 
 class _Served(Collector):

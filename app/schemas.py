@@ -192,3 +192,15 @@ class IndexInfo(BaseModel):
     last_change: int = Field(description="sequence number of the last add or delete applied")
     snapshot_change: int = Field(description="last change contained in the on-disk snapshot")
     search_params: dict[str, Any] = Field(description="tuned FAISS search settings")
+    latest_change: int | None = Field(
+        None,
+        description="the latest change committed by any replica that this one knows of; null "
+        "where no other process shares the collection (SQLite)",
+    )
+    lag_changes: int | None = Field(None, description="changes committed and not yet applied")
+    lag_seconds: float | None = Field(
+        None, description="how long this replica has known of a change it has not applied"
+    )
+    following: str | None = Field(
+        None, description="'ok', or why this replica cannot follow the others' changes now"
+    )

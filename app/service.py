@@ -14,6 +14,7 @@ from app.errors import ImageFileMissing, NoIndex
 from app.settings import Settings
 from app.thumbnails import Thumbnails
 from index.errors import IndexMissing, ItemNotFound
+from index.follower import ChangeFollower
 from index.gallery import GalleryIndex
 from index.store import Item
 from models import imprint
@@ -35,12 +36,20 @@ class Service:
     _creating: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _changing_classes: threading.Lock = field(default_factory=threading.Lock, repr=False)
     classifier: Classifier = field(init=False)  # trained and added classes
+    follower: ChangeFollower | None = field(default=None, init=False)  # of the other replicas
 
     def __post_init__(self) -> None:
         bundle = self.bundle
         trained = Classifier.of(bundle.config.classes, bundle.net.classifier, bundle.fingerprint)
         kept = imprint.load(self.gallery.added_classes()) if self.gallery is not None else []
         self.classifier = trained.replaced(kept)  # replaced whole on a change: read lock-free
+        self._follow()
+
+    def _follow(self) -> None:
+        """Keep the index up with the other replicas' writes, where the database is shared."""
+        if self.gallery is not None and self.gallery.store.shared and self.follower is None:
+            self.follower = ChangeFollower(self.gallery)
+            self.follower.start()
 
     def change_classes(self, change: Callable[[Classifier], list[AddedClass]]) -> Classifier:
         """The added classes as change makes them from the current ones, kept with the
@@ -80,6 +89,7 @@ class Service:
                     snapshot_every=self.settings.snapshot_every,
                     database=self.settings.database(),
                 )
+                self._follow()
         return self.gallery
 
     def image_file(self, item_id: int) -> tuple[Path, Item]:
@@ -93,7 +103,9 @@ class Service:
         return path, item
 
     def close(self) -> None:
-        """Snapshot and close the gallery (call at shutdown)."""
+        """Stop following, snapshot and close the gallery (call at shutdown)."""
+        if self.follower is not None:
+            self.follower.stop()
         if self.gallery is not None:
             self.gallery.close()
 

@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 MAX_INDEX_MEMORY = "max_index_memory"  # the meta key of the collection's memory limit
 ADDED_CLASSES = "added_classes"  # the meta key of the classes added from examples
+COMPARE_TRIES = 5  # whole comparisons (see _compare_whole) before settling for the last one
 
 
 @dataclass(frozen=True)
@@ -146,6 +147,8 @@ class GalleryIndex:
                 self.directory, self.store, self.fingerprint, self.kind
             )
             self._applied_seq = self.store.last_seq()
+            if self.store.shared:  # other processes may have written while it was opened
+                self._compare_whole()
         if snapshot_seq is None:
             self.snapshot()
         else:
@@ -203,7 +206,7 @@ class GalleryIndex:
                 for path in written:
                     path.unlink(missing_ok=True)
                 raise
-            self._apply(seq, add=(embeddings[keep], np.asarray(ids, dtype=np.int64)))
+            self._apply(seq, len(ids), add=(embeddings[keep], np.asarray(ids, dtype=np.int64)))
         self._snapshots.soon(self._applied_seq, self._captured)
         return duplicates.outcomes(matches, dict(zip(keep, ids, strict=True)))
 
@@ -227,7 +230,7 @@ class GalleryIndex:
             if found is None:
                 raise ItemNotFound(f"there is no image with id {item_id}")
             item, seq = found
-            self._apply(seq, remove=np.asarray([item_id], dtype=np.int64))
+            self._apply(seq, 1, remove=np.asarray([item_id], dtype=np.int64))
             self._images.forget(item, self.store)
         self._snapshots.soon(self._applied_seq, self._captured)
         return item
@@ -235,12 +238,62 @@ class GalleryIndex:
     def _apply(
         self,
         seq: int,
+        count: int,
         add: tuple[np.ndarray, np.ndarray] | None = None,
         remove: np.ndarray | None = None,
     ) -> None:
-        """Bring FAISS up to a committed change (see index/recovery.py)."""
+        """Bring FAISS up to this process's committed write of `count` changes up to seq
+        (index/recovery.py); when another process's changes came before them in the shared
+        store, take them all from the change log, in order."""
+        if seq - count != self._applied_seq:
+            self._apply_log(self.store.changes_since(self._applied_seq))
+            return
         self.vectors = recovery.applied(self.vectors, self.store, self.kind, add, remove)
         self._applied_seq = seq
+
+    # -- following the changes of other processes ----------------------------------------
+
+    def follow(self) -> int:
+        """Apply the changes other processes (replicas on one database) committed since the
+        last one applied; returns the seq of the last change applied."""
+        with self._lock.write():
+            self._apply_log(self.store.changes_since(self._applied_seq))
+            return self._applied_seq
+
+    def _apply_log(self, changes: list[tuple[int, str, int]] | None) -> None:
+        """Under the write lock: FAISS brought through the logged changes after the last one
+        applied, or, where the log no longer reaches back that far (None), compared whole."""
+        if changes is None:
+            log.warning(
+                "the change log no longer reaches back to change %d: comparing every id of the "
+                "index with the store's",
+                self._applied_seq,
+            )
+            self._compare_whole()
+            return
+        if not changes:
+            return
+        added = {item for _, op, item in changes if op == "add"}
+        deleted = {item for _, op, item in changes if op == "delete"}
+        fresh = np.fromiter(sorted(added - deleted), dtype=np.int64)  # a later delete may win
+        chunks = list(self.store.embeddings(self.dim, fresh)) if len(fresh) else []
+        add = None
+        if chunks:
+            add = (np.concatenate([c[1] for c in chunks]), np.concatenate([c[0] for c in chunks]))
+        remove = np.fromiter(sorted(deleted - added), dtype=np.int64)
+        self.vectors = recovery.applied(self.vectors, self.store, self.kind, add, remove)
+        self._applied_seq = changes[-1][0]
+
+    def _compare_whole(self) -> None:
+        """FAISS made to hold exactly the stored ids, by comparing the two sets; repeated until
+        no change was committed meanwhile, so that the seq it is as of is exact."""
+        for _ in range(COMPARE_TRIES):
+            before = self.store.last_seq()
+            added, removed = recovery.catch_up(self.vectors, self.store, self.dim)
+            if self.store.last_seq() == before:
+                break
+        log.info("compared with the store: +%d, -%d, as of change %d", added, removed, before)
+        self._applied_seq = before
 
     def image_path(self, sha256: str, suffix: str) -> str:
         """Where an uploaded image of this content is kept."""

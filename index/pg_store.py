@@ -20,7 +20,7 @@ renames into place in one transaction.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 # 8 leaves PostgreSQL's default max_connections (100) room for a dozen processes.
 POOL_SIZE = 8
 CONNECT_TIMEOUT_S = 10
+# The longest a call waits for a connection of the pool: while the server is out of reach, the
+# request is refused (503, Retry-After) in that time rather than held for the pool's default 30 s.
+POOL_WAIT_S = 3
 
 # MIGRATIONS[n] takes a schema from version n to n + 1; a schema's version is the number of
 # migrations applied to it. Append, never edit: databases out there hold the earlier ones.
@@ -70,6 +73,10 @@ MIGRATIONS: tuple[str, ...] = (
 )
 ITEM_IDS, CHANGE_SEQS = "items_id_seq", "changes_seq_seq"  # the identity columns' sequences
 
+# Changes kept in the log behind the newest snapshot: a replica that far behind applies them one
+# by one; one further behind compares every id with the items (index/gallery.py, follow).
+KEPT_CHANGES = 100_000
+
 
 class PostgresItemStore(BaseItemStore):
     """Items, their embeddings and the change log in a schema of a PostgreSQL database.
@@ -79,6 +86,8 @@ class PostgresItemStore(BaseItemStore):
     transaction. A server that cannot be reached is DatabaseUnavailable, a full disk on it
     InsufficientStorage.
     """
+
+    shared = True  # replicas on one database: each follows the others' changes
 
     def __init__(self, database: Database, create: bool = False):
         """Open the collection's schema, upgraded to the latest version; IndexMissing when it
@@ -93,6 +102,7 @@ class PostgresItemStore(BaseItemStore):
             max_size=POOL_SIZE,
             kwargs={"autocommit": True, "options": options, "connect_timeout": CONNECT_TIMEOUT_S},
             check=ConnectionPool.check_connection,
+            timeout=POOL_WAIT_S,
             name=f"imgsim-{database.schema}",
             open=True,
         )
@@ -122,6 +132,35 @@ class PostgresItemStore(BaseItemStore):
     def _new_ids(self, db: Statements, count: int) -> list[int]:
         query = f"SELECT nextval('{ITEM_IDS}') FROM generate_series(1, ?::integer)"
         return sorted(int(row[0]) for row in db.execute(query, (count,)).fetchall())
+
+    def _announce(self, db: Statements, seq: int) -> None:
+        db.execute("SELECT pg_notify(?, ?)", (self.channel, str(seq)))  # sent on COMMIT
+
+    @property
+    def channel(self) -> str:
+        """The NOTIFY channel of the collection's changes, whose payload is the latest seq."""
+        return f"imgsim_changes.{self.database.schema}"
+
+    @contextmanager
+    def announcements(self) -> Iterator[Callable[[float], int | None]]:
+        """A wait for the next change any process commits: wait(timeout) returns the latest
+        seq announced, or None after timeout seconds without one. It listens on a connection
+        of its own from before the block starts; DatabaseUnavailable when that breaks."""
+        with _translated(self.database), _connect(self.database) as connection:
+            connection.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
+
+            def wait(timeout: float) -> int | None:
+                with _translated(self.database):
+                    first = list(connection.notifies(timeout=timeout, stop_after=1))
+                    rest = list(connection.notifies(timeout=0)) if first else []  # the queued
+                    return max((int(n.payload) for n in first + rest), default=None)
+
+            yield wait
+
+    def forget_changes(self, up_to: int) -> None:
+        """As SQLite's, but the last KEPT_CHANGES stay for the replicas that are behind."""
+        if up_to > KEPT_CHANGES:
+            super().forget_changes(up_to - KEPT_CHANGES)
 
     def check(self) -> None:
         """IndexCorrupt, saying what to do, unless the collection records its model and every

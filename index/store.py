@@ -20,7 +20,7 @@ import threading
 import time
 import zlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,6 +78,7 @@ class NewItem:
 
 ITEM_COLUMNS = "id, external_id, path, label, sha256, added_at"
 CHECKED_COLUMNS = f"{ITEM_COLUMNS}, embedding"  # what a row's checksum covers, in this order
+FORGOTTEN_CHANGES = "forgotten_changes"  # meta: the change log holds no seq up to this one
 INSERT_ROW = f"INSERT INTO items ({CHECKED_COLUMNS}, checksum) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 
 
@@ -159,7 +160,9 @@ class BaseItemStore(ABC):
             db.executemany(
                 "INSERT INTO changes (op, item_id) VALUES ('add', ?)", [(i,) for i in ids]
             )
-            return ids, self._last_seq(db)
+            seq = self._last_seq(db)
+            self._announce(db, seq)
+            return ids, seq
 
     def delete(self, item_id: int) -> tuple[Item, int] | None:
         """Remove an item; returns it and the seq of the change, or None when there is none."""
@@ -169,12 +172,44 @@ class BaseItemStore(ABC):
                 return None
             db.execute("DELETE FROM items WHERE id = ?", (item_id,))
             db.execute("INSERT INTO changes (op, item_id) VALUES ('delete', ?)", (item_id,))
-            return item, self._last_seq(db)
+            seq = self._last_seq(db)
+            self._announce(db, seq)
+            return item, seq
+
+    shared = False  # whether other processes may write to it meanwhile (index/gallery.py)
+
+    def announcements(self) -> AbstractContextManager[Callable[[float], int | None]]:
+        """A wait for the next change any process commits, where the store is shared."""
+        raise NotImplementedError(f"{type(self).__name__} is not shared with other processes")
+
+    def _announce(self, db: Statements, seq: int) -> None:
+        """Tell the other processes that follow the collection of a change, on commit (a
+        store that no other process follows has nothing to do)."""
+        return None
 
     def forget_changes(self, up_to: int) -> None:
-        """Drop the change log up to a seq a snapshot contains (seqs are never reused)."""
+        """Drop the change log up to a seq a snapshot contains (seqs are never reused), and
+        record how far it was dropped, for changes_since."""
         with self._transaction() as db:
             db.execute("DELETE FROM changes WHERE seq <= ?", (up_to,))
+            db.execute(
+                "INSERT INTO meta (key, value) VALUES (?, ?)"
+                " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (FORGOTTEN_CHANGES, str(up_to)),
+            )
+
+    def changes_since(self, seq: int) -> list[tuple[int, str, int]] | None:
+        """The changes after seq, (seq, op, item_id) in order; None when the log no longer
+        holds all of them (dropped up to a later snapshot's seq)."""
+        with self._reading() as db:
+            found = db.execute("SELECT value FROM meta WHERE key = ?", (FORGOTTEN_CHANGES,))
+            forgotten = found.fetchone()
+            if forgotten is not None and int(forgotten[0]) > seq:
+                return None
+            rows = db.execute(
+                "SELECT seq, op, item_id FROM changes WHERE seq > ? ORDER BY seq", (seq,)
+            ).fetchall()
+        return [(int(s), op, int(i)) for s, op, i in rows]
 
     def get(self, item_id: int) -> Item | None:
         """The item of that id, if any."""

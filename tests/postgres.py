@@ -35,6 +35,7 @@ class Cluster:
 
     folder: Path
     as_owner: list[str]  # how its commands run as the cluster's owner
+    options: str  # the server's settings, as pg_ctl -o takes them
 
     @property
     def data(self) -> Path:
@@ -48,6 +49,15 @@ class Cluster:
         """Stop the server (closing every connection to it) and start it again."""
         pg_ctl = [*self.as_owner, BINARIES / "pg_ctl", "-D", self.data, "-l", self.log]
         _run([*pg_ctl, "-m", "fast", "-w", "restart"])  # with the options it was started with
+
+    def stop(self) -> None:
+        """Stop the server, closing every connection to it (start brings it back)."""
+        _run([*self.as_owner, BINARIES / "pg_ctl", "-D", self.data, "-m", "fast", "-w", "stop"])
+
+    def start(self) -> None:
+        """Start the stopped server again."""
+        pg_ctl = [*self.as_owner, BINARIES / "pg_ctl", "-D", self.data, "-l", self.log]
+        _run([*pg_ctl, "-o", self.options, "-w", "start"])
 
     def url(self, name: str) -> str:
         return f"postgresql://postgres@/{name}?host={self.folder}&port={PORT}"
@@ -79,13 +89,13 @@ def postgres() -> Iterator[Cluster]:
     if os.geteuid() == 0:  # the server refuses to run as root: the postgres user owns the folder
         shutil.chown(folder, "postgres", "postgres")
         as_owner = ["runuser", "-u", "postgres", "--"]
-    cluster = Cluster(folder, as_owner)
-    data, log = cluster.data, cluster.log
     settings = f"-k {folder} -p {PORT} -c listen_addresses='' -c max_connections=300"
+    cluster = Cluster(folder, as_owner, settings)
+    data = cluster.data
     try:
         _run([*as_owner, BINARIES / "initdb", "-D", data, "-U", "postgres", "-A", "trust",
               "-E", "UTF8", "--no-sync"])  # fmt: skip
-        _run([*as_owner, BINARIES / "pg_ctl", "-D", data, "-l", log, "-o", settings, "-w", "start"])
+        cluster.start()
         yield cluster
     finally:
         if (data / "postmaster.pid").exists():

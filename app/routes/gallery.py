@@ -145,4 +145,13 @@ def similar_to_stored(
 @router.get("/index", responses=ERRORS)
 def index_info(service: ServiceDep) -> IndexInfo:
     """Size, index kind, model fingerprint and change counters of the collection."""
-    return IndexInfo(**_gallery(service).info())
+    info = _gallery(service).info()
+    if service.follower is not None:
+        state = service.follower.state()
+        info |= {
+            "latest_change": state.latest,
+            "lag_changes": state.lag_changes,
+            "lag_seconds": round(state.lag_seconds, 3),
+            "following": state.problem or "ok",
+        }
+    return IndexInfo(**info)

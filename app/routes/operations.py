@@ -23,6 +23,8 @@ async def ready(service: ServiceDep, batcher: BatcherDep) -> Readiness:
     gallery = service.gallery
     if gallery is None and service.settings.resolved_index_dir() is None:
         raise NotReady("no index is loaded or configured: start the service with --index DIR")
+    if service.follower is not None and (problem := service.follower.state().problem):
+        raise NotReady(f"cannot follow the other replicas' changes: {problem}", retry_after=2)
     return Readiness(
         status="ready",
         model=service.bundle.fingerprint,

@@ -1,0 +1,168 @@
+"""Three `imgsim serve` replicas on loopback share one collection: its items and change log in
+one PostgreSQL database, its snapshots and uploaded images in one folder. A write acknowledged
+by one is searched by the others; one killed with SIGKILL loses nothing acknowledged and catches
+up when started again; PostgreSQL stopped and started again costs 503s with Retry-After, never a
+500, and no restart. How fast a write becomes visible is measured in benchmarks/replicas.py."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from subprocess import Popen
+
+import httpx
+import pytest
+
+from index.folder import Database
+from index.gallery import GalleryIndex
+from models.bundle import Bundle
+from tests.postgres import Cluster
+from tests.servers import free_port, start_server
+from tests.synthetic import noise_png
+
+pytestmark = pytest.mark.slow
+VISIBLE_WITHIN_S = 5.0  # generous for a busy machine: NOTIFY makes it milliseconds
+
+
+@dataclass
+class Replicas:
+    bundle_dir: Path
+    index_dir: Path
+    env: dict[str, str]
+    ports: list[int]
+    servers: list[Popen]
+
+    def url(self, i: int) -> str:
+        return f"http://127.0.0.1:{self.ports[i]}"
+
+    def start(self, i: int) -> None:
+        self.servers[i] = start_server(self.bundle_dir, self.index_dir, self.ports[i], self.env)
+
+
+@pytest.fixture
+def replicas(untrained_bundle: Callable[[Path], Path], tmp_path: Path, postgres_url: str):
+    """Three replicas of one new collection, which holds one image (id 1) to search from."""
+    bundle_dir = untrained_bundle(tmp_path / "bundle")
+    bundle = Bundle.load(bundle_dir, "cpu")
+    index_dir, database = tmp_path / "index", Database(postgres_url)
+    GalleryIndex.create(
+        bundle.embedding_dim, bundle.fingerprint, index_dir, database=database
+    ).close()
+    env = {"IMGSIM_DATABASE_URL": postgres_url}
+    group = Replicas(bundle_dir, index_dir, env, [free_port() for _ in range(3)], [])
+    try:
+        for port in group.ports:
+            group.servers.append(start_server(bundle_dir, index_dir, port, env))
+        assert add(group.url(0), 0) == 1
+        yield group
+    finally:
+        for server in group.servers:
+            server.kill()
+            server.wait()
+
+
+def add(url: str, seed: int) -> int:
+    """POST one image; its new id."""
+    files = {"files": (f"{seed}.png", noise_png(seed, 24), "image/png")}
+    response = httpx.post(f"{url}/images", files=files, timeout=30)
+    assert response.status_code == 201, response.text
+    return response.json()["images"][0]["id"]
+
+
+def searched(url: str) -> set[int]:
+    """The ids a search from image 1 finds: every other one, in a collection of at most 101."""
+    response = httpx.get(f"{url}/images/1/similar", params={"k": 100}, timeout=30)
+    assert response.status_code == 200, response.text
+    return {n["id"] for n in response.json()["neighbours"]}
+
+
+def until(condition: Callable[[], bool], what: str, within: float = VISIBLE_WITHIN_S) -> None:
+    deadline = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} not within {within} s"
+        time.sleep(0.02)
+
+
+def test_a_write_on_one_replica_is_searched_on_the_others(replicas: Replicas) -> None:
+    for seed in range(1, 7):
+        writer = seed % 3
+        others = [replicas.url(i) for i in range(3) if i != writer]
+        new = add(replicas.url(writer), seed)
+        for url in others:
+            until(lambda url=url, new=new: new in searched(url), f"{new} searched on {url}")
+        if seed % 2:  # every other one deleted again, on the next replica
+            deleter = replicas.url((writer + 1) % 3)
+            assert httpx.delete(f"{deleter}/images/{new}", timeout=30).status_code == 204
+            for i in range(3):
+                gone = f"{new} gone on {i}"
+                until(lambda i=i, new=new: new not in searched(replicas.url(i)), gone)
+    sizes = [httpx.get(f"{replicas.url(i)}/index").json() for i in range(3)]
+    assert {s["size"] for s in sizes} == {4} and {s["last_change"] for s in sizes} == {10}
+    assert all(s["lag_changes"] == 0 and s["following"] == "ok" for s in sizes)
+
+
+def write_until(url: str, seeds: Iterator[int], done: threading.Event, acked: list[int]) -> None:
+    """POST one image at a time until done, the replica is gone or 45 are acknowledged (the
+    collection stays within one search's k); the ids acknowledged."""
+    while not done.is_set() and len(acked) < 45:
+        try:
+            acked.append(add(url, next(seeds)))
+        except httpx.TransportError:
+            return
+
+
+def test_a_replica_killed_during_writes_loses_nothing_and_catches_up(replicas: Replicas) -> None:
+    seeds, done = iter(range(100, 10**6)), threading.Event()
+    acknowledged: list[list[int]] = [[], []]
+    writers = [
+        threading.Thread(target=write_until, args=(replicas.url(i), seeds, done, acknowledged[i]))
+        for i in (0, 1)
+    ]
+    for writer in writers:
+        writer.start()
+    time.sleep(2.0)
+    os.kill(replicas.servers[0].pid, signal.SIGKILL)
+    replicas.servers[0].wait()
+    writers[0].join()
+    time.sleep(1.0)  # the survivor goes on writing meanwhile
+    done.set()
+    writers[1].join()
+    assert all(acknowledged), "writes were in flight on both replicas"
+    written = {*acknowledged[0], *acknowledged[1]}
+    until(lambda: written <= searched(replicas.url(2)), "every acknowledged image on 2")
+    replicas.start(0)
+    sizes = set()
+    for i in range(3):
+        found = searched(replicas.url(i)) | {1}
+        sizes.add(httpx.get(f"{replicas.url(i)}/index").json()["size"])
+        assert written <= found and sizes == {len(found)}, f"replica {i} lost or holds extra"
+
+
+def test_postgres_stopped_and_started_again(replicas: Replicas, postgres: Cluster) -> None:
+    """In between: searches and writes get 503 with Retry-After, /ready says why, /health
+    answers; after: every replica answers again without a restart, and follows again."""
+    postgres.stop()
+    try:
+        url = replicas.url(1)
+        until(lambda: httpx.get(f"{url}/ready").status_code == 503, "/ready failing")
+        ready = httpx.get(f"{url}/ready")
+        assert "database" in ready.json()["detail"] and ready.headers["Retry-After"]
+        assert httpx.get(f"{url}/health").status_code == 200
+        for answer in (
+            httpx.get(f"{url}/images/1/similar", timeout=30),
+            httpx.post(f"{url}/images", files={"files": ("x.png", noise_png(7, 24))}, timeout=30),
+        ):
+            assert answer.status_code == 503, answer.text
+            assert "PostgreSQL" in answer.json()["detail"] and answer.headers["Retry-After"]
+    finally:
+        postgres.start()
+    for i in range(3):
+        until(lambda i=i: httpx.get(f"{replicas.url(i)}/ready").status_code == 200, "ready")
+    new = add(replicas.url(1), 8)
+    for i in (0, 2):
+        until(lambda i=i: new in searched(replicas.url(i)), f"image {new} searched on {i}")
