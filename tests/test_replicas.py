@@ -7,10 +7,14 @@ up when started again; PostgreSQL stopped and started again costs 503s with Retr
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from subprocess import Popen
@@ -40,8 +44,9 @@ class Replicas:
     def url(self, i: int) -> str:
         return f"http://127.0.0.1:{self.ports[i]}"
 
-    def start(self, i: int) -> None:
-        self.servers[i] = start_server(self.bundle_dir, self.index_dir, self.ports[i], self.env)
+    def start(self, i: int, **env: str) -> None:
+        port = self.ports[i]
+        self.servers[i] = start_server(self.bundle_dir, self.index_dir, port, self.env | env)
 
 
 @pytest.fixture
@@ -166,3 +171,71 @@ def test_postgres_stopped_and_started_again(replicas: Replicas, postgres: Cluste
     new = add(replicas.url(1), 8)
     for i in (0, 2):
         until(lambda i=i: new in searched(replicas.url(i)), f"image {new} searched on {i}")
+
+
+@pytest.fixture
+def balancer(replicas: Replicas, tmp_path: Path) -> Iterator[str]:
+    """HAProxy, configured by the repository's haproxy.cfg, in front of the three replicas."""
+    if shutil.which("haproxy") is None:
+        message = "haproxy not found: apt-get install -y haproxy to test the replicas behind it"
+        if os.environ.get("IMGSIM_REQUIRE_HAPROXY") == "1":
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+    port = free_port()
+    addresses = {f"REPLICA_{i + 1}": f"127.0.0.1:{p}" for i, p in enumerate(replicas.ports)}
+    log = (tmp_path / "haproxy.log").open("w")
+    process = Popen(
+        ["haproxy", "-db", "-f", str(Path(__file__).parents[1] / "haproxy.cfg")],
+        env={**os.environ, "LISTEN": f"127.0.0.1:{port}", **addresses},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        until(lambda: served_by(url, 6) == {"imgsim-1", "imgsim-2", "imgsim-3"}, "all 3 up", 30)
+        yield url
+    finally:
+        process.terminate()
+        process.wait()
+        log.close()
+
+
+def served_by(url: str, requests: int, path: str = "/health") -> set[str]:
+    """Which replicas answered these GETs through the balancer (every one must succeed)."""
+    names = set()
+    for _ in range(requests):
+        try:
+            answer = httpx.get(f"{url}{path}", timeout=30)
+        except httpx.TransportError:
+            return set()
+        if answer.status_code != 200:
+            return set()
+        names.add(answer.headers["X-Served-By"])
+    return names
+
+
+def test_the_balancer_retries_a_503_elsewhere_and_drops_a_dead_replica(
+    replicas: Replicas, balancer: str
+) -> None:
+    """A replica whose queue holds one image answers most of a burst 503: the balancer sends
+    those to the others, and every client gets its answer. A replica killed is taken out."""
+    replicas.servers[2].kill()
+    replicas.servers[2].wait()
+    replicas.start(2, IMGSIM_QUEUE_SIZE="1", IMGSIM_MAX_BATCH="1")
+    until(lambda: "imgsim-3" in served_by(balancer, 6, "/ready"), "imgsim-3 back", 30)
+    image = noise_png(3, 24)  # small enough for HAProxy to hold whole and resend
+
+    def classify(_: int) -> int:
+        files = {"file": ("q.png", image, "image/png")}
+        return httpx.post(f"{balancer}/classify", files=files, timeout=60).status_code
+
+    with ThreadPoolExecutor(16) as clients:
+        statuses = list(clients.map(classify, range(96)))
+    assert statuses.count(200) == 96, f"{statuses.count(503)} answered 503"
+    metrics = httpx.get(f"{replicas.url(2)}/metrics").text
+    rejected = float(re.search(r"^imgsim_rejected_requests_total (\S+)$", metrics, re.M)[1])
+    assert rejected > 0, "the small queue never filled: nothing was retried"
+
+    replicas.servers[0].kill()
+    replicas.servers[0].wait()
+    assert served_by(balancer, 12) <= {"imgsim-2", "imgsim-3"}  # no request failed meanwhile
