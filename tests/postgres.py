@@ -16,6 +16,7 @@ import sqlite3
 import subprocess
 import tempfile
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,14 @@ def postgres() -> Iterator[Cluster]:
         if os.environ.get("IMGSIM_REQUIRE_POSTGRES") == "1":
             pytest.fail(f"{message}; IMGSIM_REQUIRE_POSTGRES=1 requires them", pytrace=False)
         pytest.skip(message)
+    with throwaway_cluster() as cluster:
+        yield cluster
+
+
+@contextmanager
+def throwaway_cluster() -> Iterator[Cluster]:
+    """A new PostgreSQL server in a temporary folder, stopped and removed afterwards (also used
+    by benchmarks/replicas.py)."""
     folder = Path(tempfile.mkdtemp(prefix="imgsim-pg-"))
     as_owner: list[str] = []
     if os.geteuid() == 0:  # the server refuses to run as root: the postgres user owns the folder
