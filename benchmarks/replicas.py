@@ -11,9 +11,9 @@ replicas cannot serve more here: the figures show what a replica costs, not how 
 - served: /similar through HAProxy at 16 clients with 1, 2 and 3 replicas;
 - write to visible: an image POSTed to one replica, then the time until each other replica's
   index holds it (its /index last_change reaches the write's), idle and under search load;
-- a retry storm on one replica of densenet121 (as issue 32 measured it): 64 clients POST /classify; when answered 503 they either wait
-  the Retry-After they were given, or send again at once; /health and /ready are probed every
-  50 ms from a process of their own meanwhile.
+- a retry storm on one replica of densenet121 (as issue 32 measured it): 64 clients POST
+  /classify; when answered 503 they either wait the Retry-After they were given, or send again
+  at once; /health and /ready are probed every 50 ms from a process of their own meanwhile.
 
     python -m benchmarks.replicas [--quick]
 
