@@ -325,6 +325,30 @@ def _probe(url: str, seconds: float, results: multiprocessing.Queue) -> None:
     results.put((health, ready))
 
 
+ON_PAPER = """## On paper: how far this design goes
+
+- **Reads** scale with replicas: a search touches the replica's own FAISS index and one
+  PostgreSQL query for the rows of its results. Here all replicas share 2 cores, so the table
+  above is flat; on machines of their own, N replicas answer about N times one.
+- **Writes** take turns on the database (a write locks `changes`, index/pg_store.py), so one
+  collection takes writes one transaction at a time: at the per-write cost above (a few ms on
+  loopback) a few hundred single-image writes per second; POST /images of many files at once is
+  one transaction. Each replica also applies every write, a FAISS add of the written vectors.
+- **Connections**: each replica holds up to 8 pooled connections and one that LISTENs. With
+  PostgreSQL's default max_connections (100) that is about 11 replicas; beyond, raise it or put
+  PgBouncer in front (the LISTEN connection needs session pooling).
+- **Collection size**: every replica holds the whole index in memory (index/kinds.py chooses
+  IVF-PQ within a memory limit: benchmarks/index_scale.md), and a replica that starts without a
+  usable snapshot rebuilds it from PostgreSQL, which the rows above show costs about a minute for
+  50,000 embeddings, mostly the index build: a collection of tens of millions needs its
+  snapshots (they are shared with the folder) or a long start.
+- **After this design**: shard the index (each replica a part of the collection, a search
+  scattered to all and merged), move the change stream to logical replication or a log such as
+  Kafka when NOTIFY's at-most-once delivery and the periodic catch-up are not enough, and keep
+  snapshots and images in an object store.
+"""
+
+
 def main() -> None:
     """Run every part and write benchmarks/replicas.md."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -351,7 +375,8 @@ def main() -> None:
         heavy_dir = Path(tmp) / "densenet121"  # the model issue 32 saw the storm with
         Bundle.pretrained("densenet121", "none", "cpu").save(heavy_dir)
         storm(heavy_dir, cluster, seconds, lines)
-    REPORT.write_text("\n".join(lines) + "\n")
+    lines.append(ON_PAPER)
+    REPORT.write_text("\n".join(lines))
     print(f"wrote {REPORT}")
 
 
