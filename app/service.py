@@ -88,6 +88,7 @@ class Service:
                     factory=self.settings.index_factory,
                     snapshot_every=self.settings.snapshot_every,
                     database=self.settings.database(),
+                    uploads=self.settings.uploads_url,
                 )
                 self._follow()
         return self.gallery
@@ -97,7 +98,7 @@ class Service:
         if self.gallery is None:
             raise ItemNotFound(f"there is no image with id {item_id}")
         item = self.gallery.get(item_id)
-        path = Path(item.path)
+        path = self.gallery.image_file(item)
         if not path.is_file():
             raise ImageFileMissing(f"the image file of id {item_id} is no longer on disk")
         return path, item
@@ -125,7 +126,7 @@ def load_service(settings: Settings) -> Service:
     else:
         bundle = Bundle.pretrained(settings.backbone, settings.weights, settings.device)
     bundle.use_runtime(settings.runtime, settings.threads)
-    gallery = stored_gallery(settings, bundle.fingerprint)
+    gallery = stored_gallery(settings, bundle)
     log.info(
         "serving %s (%s, %d classes) on %s with %s; index: %s",
         bundle.config.backbone,
@@ -138,24 +139,44 @@ def load_service(settings: Settings) -> Service:
     return Service(settings, bundle, gallery)
 
 
-def stored_gallery(settings: Settings, fingerprint: str) -> GalleryIndex | None:
-    """The collection to serve: the index folder's (or the database's), or None when there is
-    none yet and none was asked for by name (one is then made on the first add)."""
+def stored_gallery(settings: Settings, bundle: Bundle) -> GalleryIndex | None:
+    """The collection to serve: the index folder's, or None when there is none yet and none was
+    asked for by name (one is then made on the first add). With a database, the database's:
+    made empty when there is none, so that replicas started together serve one collection."""
     index_dir, database = settings.resolved_index_dir(), settings.database()
+    fingerprint = bundle.fingerprint
     if index_dir is None:
         return None
     if settings.index_dir is None and database is None and not index_dir.exists():
         return None
     try:
-        return GalleryIndex.load(
-            index_dir,
-            fingerprint,
-            factory=settings.index_factory,
-            snapshot_every=settings.snapshot_every,
-            thorough_check=settings.thorough_index_check,
-            database=database,
-        )
+        return _loaded(settings, index_dir, fingerprint)
     except IndexMissing:
-        if database is None or settings.index_dir is not None:
+        if database is None:
             raise
-        return None  # a database without a collection, and the bundle's default folder
+    try:
+        log.info("%s holds no collection: starting an empty one", database)
+        created = GalleryIndex.create(
+            bundle.embedding_dim,
+            fingerprint,
+            index_dir,
+            factory=settings.index_factory,
+            database=database,
+            uploads=settings.uploads_url,
+        )
+        created.close()
+    except FileExistsError:
+        pass  # another replica made it meanwhile
+    return _loaded(settings, index_dir, fingerprint)
+
+
+def _loaded(settings: Settings, index_dir: Path, fingerprint: str) -> GalleryIndex:
+    return GalleryIndex.load(
+        index_dir,
+        fingerprint,
+        factory=settings.index_factory,
+        snapshot_every=settings.snapshot_every,
+        thorough_check=settings.thorough_index_check,
+        database=settings.database(),
+        uploads=settings.uploads_url,
+    )

@@ -43,6 +43,12 @@ class Settings(BaseSettings):
         "and change log in place of the index folder's items.sqlite; the folder keeps the FAISS "
         "snapshots and uploaded images (pip install 'imgsim[postgres]')",
     )
+    uploads_url: str | None = Field(
+        None,
+        description="where uploaded images are kept, for replicas on machines of their own: an "
+        "fsspec URL such as s3://bucket/prefix (pip install 'imgsim[s3]'); default: the index "
+        "folder's images/",
+    )
     backbone: str = DEFAULT_BACKBONE
     weights: str = "imagenet"
     device: str = "auto"

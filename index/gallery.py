@@ -66,13 +66,14 @@ class GalleryIndex:
         fingerprint: str,
         kind: KindChoice,
         snapshot_every: int,
+        uploads: str | None = None,
     ):
         self.store = store
         self.directory = directory  # the collection's folder; None for a collection in memory
         self.fingerprint = fingerprint
         self.kind = kind
         self.vectors = VectorIndex.empty(kind.dim, kind.for_size(0))
-        self._images = KeptImages(self.directory)
+        self._images = KeptImages(self.directory, uploads)
         self._snapshots = Snapshots(self.directory, store, snapshot_every)
         self._lock = ReadWriteLock()
         self._applied_seq = 0  # the last change the FAISS index contains
@@ -102,6 +103,7 @@ class GalleryIndex:
         snapshot_every: int = 1000,
         max_index_memory: int | None = None,
         database: Database | None = None,
+        uploads: str | None = None,
     ) -> GalleryIndex:
         """A new empty collection, in memory or in a folder that holds none yet (with a
         database, one that holds none yet keeps the items). Without a factory, the index kind is
@@ -110,7 +112,7 @@ class GalleryIndex:
         limit = {} if max_index_memory is None else {MAX_INDEX_MEMORY: str(max_index_memory)}
         store.set_meta({"fingerprint": fingerprint, "dim": str(dim), **limit})
         kind = KindChoice(dim, factory, max_index_memory)
-        return cls(store, directory, fingerprint, kind, snapshot_every)
+        return cls(store, directory, fingerprint, kind, snapshot_every, uploads)
 
     @classmethod
     def load(
@@ -121,6 +123,7 @@ class GalleryIndex:
         snapshot_every: int = 1000,
         thorough_check: bool = False,
         database: Database | None = None,
+        uploads: str | None = None,
     ) -> GalleryIndex:
         """Open a collection (its items in the database if given), checked (SQLite's
         integrity_check if thorough_check, else its quick_check; every row's checksum); with a
@@ -129,7 +132,7 @@ class GalleryIndex:
         meta = store.meta()
         limit = int(meta[MAX_INDEX_MEMORY]) if MAX_INDEX_MEMORY in meta else None
         kind = KindChoice(int(meta["dim"]), factory, limit)
-        gallery = cls(store, directory, meta["fingerprint"], kind, snapshot_every)
+        gallery = cls(store, directory, meta["fingerprint"], kind, snapshot_every, uploads)
         if fingerprint is not None:
             try:
                 gallery.check_model(fingerprint)
@@ -195,16 +198,16 @@ class GalleryIndex:
         with self._lock.write():
             matches = self._duplicates(embeddings, duplicate_threshold)
             keep = [i for i, m in enumerate(matches) if not (skip_duplicates and m)]
-            written: list[Path] = []
+            written: list[str] = []
             try:  # a failed add (duplicate external id, full disk) leaves no file behind
                 with disk_full_refused("the images"):
                     for i in keep if contents is not None else []:
-                        if self._images.keep(Path(items[i].path), contents[i]):
-                            written.append(Path(items[i].path))
+                        if self._images.keep(items[i].path, contents[i]):
+                            written.append(items[i].path)
                     ids, seq = self.store.insert([items[i] for i in keep], embeddings[keep])
             except BaseException:
                 for path in written:
-                    path.unlink(missing_ok=True)
+                    self._images.discard(path)
                 raise
             self._apply(seq, len(ids), add=(embeddings[keep], np.asarray(ids, dtype=np.int64)))
         self._snapshots.soon(self._applied_seq, self._captured)
@@ -297,7 +300,12 @@ class GalleryIndex:
 
     def image_path(self, sha256: str, suffix: str) -> str:
         """Where an uploaded image of this content is kept."""
-        return str(self._images.path(sha256, suffix))
+        return self._images.path(sha256, suffix)
+
+    def image_file(self, item: Item) -> Path:
+        """A file on this machine holding an item's image (fetched, for one kept in an object
+        store); it may not exist, when the image is gone."""
+        return self._images.local(item.path)
 
     # -- reads ---------------------------------------------------------------------------
 
