@@ -37,6 +37,7 @@ class Database:
 
     url: str
     schema: str = "imgsim"
+    replaces: str | None = None  # the schema of the collection this one is built to replace
 
     def __str__(self) -> str:
         """The URL without its password, and the schema: for messages and logs."""
@@ -50,7 +51,7 @@ class Database:
     def staging(self) -> Database:
         """Where this process builds a collection that replace_directory then puts in place
         of this one."""
-        return replace(self, schema=f"{self.schema}_building_{os.getpid()}")
+        return replace(self, schema=f"{self.schema}_building_{os.getpid()}", replaces=self.schema)
 
 
 def new_store(directory: Path | None, database: Database | None = None) -> BaseItemStore:
@@ -60,7 +61,7 @@ def new_store(directory: Path | None, database: Database | None = None) -> BaseI
         if directory is None:
             raise ValueError("a collection in PostgreSQL needs a folder for its snapshots")
         store = _postgres().PostgresItemStore(database, create=True)
-        if store.meta():
+        if "fingerprint" in store.meta():
             store.close()
             raise FileExistsError(f"{database} already holds a collection")
         directory.mkdir(parents=True, exist_ok=True)

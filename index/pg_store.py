@@ -32,7 +32,13 @@ from psycopg_pool import ConnectionPool
 from index.errors import DatabaseUnavailable, IncompatibleIndex, IndexMissing, InsufficientStorage
 from index.folder import Database
 from index.integrity import check_checksums, check_meta
-from index.store import CHECKED_COLUMNS, BaseItemStore, ItemStore, Statements
+from index.store import (
+    CHECKED_COLUMNS,
+    FORGOTTEN_CHANGES,
+    BaseItemStore,
+    ItemStore,
+    Statements,
+)
 
 log = logging.getLogger(__name__)
 
@@ -268,6 +274,31 @@ def _migrate(connection: psycopg.Connection[Any], database: Database, create: bo
             connection.execute(MIGRATIONS[number - 1])
             connection.execute("INSERT INTO migrations (version) VALUES (%s)", (number,))
             log.info("%s: schema upgraded to version %d", database, number)
+        if version == 0 and database.replaces is not None:
+            _continue_numbering(connection, database.replaces)
+
+
+def _continue_numbering(connection: psycopg.Connection[Any], replaced: str) -> None:
+    """A collection built to replace another (in the current schema) numbers its ids and seqs
+    above the other's, and its change log does not reach back before it: the replicas that
+    follow the old collection then compare every id with the new one's (GalleryIndex.follow),
+    and no new id means an old item."""
+    found = connection.execute("SELECT to_regclass(%s)", (f"{replaced}.changes",)).fetchone()
+    if found[0] is None:
+        return
+    old = sql.Identifier(replaced)
+    [(last_id,)] = connection.execute(
+        sql.SQL("SELECT last_value FROM {}.{}").format(old, sql.Identifier(ITEM_IDS))
+    )
+    [(last_seq,)] = connection.execute(
+        sql.SQL("SELECT last_value FROM {}.{}").format(old, sql.Identifier(CHANGE_SEQS))
+    )
+    replaced_at = int(last_seq) + 1  # a seq of its own: "the collection was replaced"
+    connection.execute("SELECT setval(%s, %s)", (ITEM_IDS, int(last_id)))
+    connection.execute("SELECT setval(%s, %s)", (CHANGE_SEQS, replaced_at))
+    connection.execute(
+        "INSERT INTO meta (key, value) VALUES (%s, %s)", (FORGOTTEN_CHANGES, str(replaced_at))
+    )
 
 
 def _lock(connection: psycopg.Connection[Any], database: Database) -> None:

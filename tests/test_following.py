@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from index.folder import Database
+from index.folder import Database, replace_directory
 from index.follower import ChangeFollower
 from index.gallery import GalleryIndex
 from index.store import BaseItemStore, NewItem
@@ -30,10 +30,10 @@ def items(names: list[str]) -> list[NewItem]:
 @pytest.fixture
 def two(tmp_path: Path, postgres_url: str):
     """Two galleries ("replicas") opened on one database and one shared folder."""
-    database = Database(postgres_url)
-    first = GalleryIndex.create(DIM, "fp", tmp_path, database=database)
+    database, folder = Database(postgres_url), tmp_path / "collection"
+    first = GalleryIndex.create(DIM, "fp", folder, database=database)
     first.add(vectors(4, 0), items(["a", "b", "c", "d"]))
-    second = GalleryIndex.load(tmp_path, "fp", database=database)
+    second = GalleryIndex.load(folder, "fp", database=database)
     yield first, second
     second.close()
     first.close()
@@ -101,3 +101,20 @@ def test_the_follower_applies_a_change_as_it_is_announced(two) -> None:
         assert state.lag_changes == 0 and state.lag_seconds == 0 and state.problem is None
     finally:
         follower.stop()
+
+
+def test_a_replica_follows_a_rebuild_that_replaced_the_collection(
+    two, tmp_path: Path, postgres_url: str
+) -> None:
+    """`imgsim index --rebuild` builds a new collection beside the old one and swaps it in: its
+    ids are above the old ones, and a replica that follows ends up holding exactly the new
+    collection, not the old one's items beside it."""
+    first, second = two
+    database = Database(postgres_url)
+    built = GalleryIndex.create(DIM, "fp", tmp_path / "built", database=database.staging())
+    built.fill(vectors(2, 6), items(["new-1", "new-2"]))
+    built.close()
+    replace_directory(tmp_path / "built", tmp_path / "collection", database)
+    second.follow()
+    assert sorted(second.vectors.ids().tolist()) == [5, 6] and second.consistent()
+    assert found(second, vectors(2, 6)[:1]) == "/new-1.png"
