@@ -48,8 +48,14 @@ class Service:
     def _follow(self) -> None:
         """Keep the index up with the other replicas' writes, where the database is shared."""
         if self.gallery is not None and self.gallery.store.shared and self.follower is None:
-            self.follower = ChangeFollower(self.gallery)
+            self.follower = ChangeFollower(self.gallery, self._classes_changed)
             self.follower.start()
+
+    def _classes_changed(self, text: str | None) -> None:
+        """Serve the added classes another replica kept with the collection."""
+        with self._changing_classes:
+            self.classifier = self.classifier.replaced(imprint.load(text))
+        log.info("the added classes changed on another replica: now %d", len(self.classifier.added))
 
     def change_classes(self, change: Callable[[Classifier], list[AddedClass]]) -> Classifier:
         """The added classes as change makes them from the current ones, kept with the
@@ -61,6 +67,8 @@ class Service:
                     "added classes are kept with the collection, and none is configured: "
                     "start the service with --index DIR"
                 )
+            # as kept now: another replica may have changed them since this one last looked
+            self.classifier = self.classifier.replaced(imprint.load(gallery.added_classes()))
             added = change(self.classifier)
             gallery.keep_added_classes(imprint.dump(added))
             self.classifier = self.classifier.replaced(added)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from index.errors import DatabaseUnavailable
@@ -40,10 +41,18 @@ class FollowerState:
 
 
 class ChangeFollower:
-    """Applies the changes of the other processes that share a gallery's item store."""
+    """Applies the changes of the other processes that share a gallery's item store, and hands
+    on the classes added from examples whenever another process changed them."""
 
-    def __init__(self, gallery: GalleryIndex, catch_up_every: float = CATCH_UP_S):
+    def __init__(
+        self,
+        gallery: GalleryIndex,
+        classes_changed: Callable[[str | None], None] = lambda text: None,
+        catch_up_every: float = CATCH_UP_S,
+    ):
         self.gallery = gallery
+        self.classes_changed = classes_changed
+        self._classes = gallery.added_classes()
         self.catch_up_every = catch_up_every
         self._latest = gallery.last_change
         self._behind_since: float | None = None
@@ -99,6 +108,10 @@ class ChangeFollower:
             if self._behind_since is None:
                 self._behind_since = time.monotonic()
         applied = self.gallery.follow()
+        classes = self.gallery.added_classes()
+        if classes != self._classes:
+            self._classes = classes
+            self.classes_changed(classes)
         if self._problem is not None:
             log.info("following the collection's changes again, from change %d", applied)
             self._problem = None

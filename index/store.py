@@ -133,13 +133,15 @@ class BaseItemStore(ABC):
         """Write the items, the change log and meta, as of one moment, to a new SQLite file."""
 
     def set_meta(self, values: dict[str, str]) -> None:
-        """Record facts about the collection (model fingerprint, embedding size)."""
+        """Record facts about the collection (model fingerprint, embedding size, added
+        classes), and tell the processes that follow it."""
         with self._transaction() as db:
             db.executemany(
                 "INSERT INTO meta (key, value) VALUES (?, ?)"
                 " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                 values.items(),
             )
+            self._announce(db, self._last_seq(db))
 
     def meta(self) -> dict[str, str]:
         """The recorded facts."""

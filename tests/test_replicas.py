@@ -106,6 +106,29 @@ def test_a_write_on_one_replica_is_searched_on_the_others(replicas: Replicas) ->
     assert all(s["lag_changes"] == 0 and s["following"] == "ok" for s in sizes)
 
 
+def test_a_class_added_on_one_replica_is_served_by_the_others(
+    trained_bundle_dir: Path, tmp_path: Path, postgres_url: str
+) -> None:
+    env = {"IMGSIM_DATABASE_URL": postgres_url}
+    ports = [free_port(), free_port()]
+    servers = [start_server(trained_bundle_dir, tmp_path / "index", p, env) for p in ports]
+    first, second = (f"http://127.0.0.1:{p}" for p in ports)
+    try:
+        for seed in range(3):  # a class is placed against the collection's images
+            add(first, 60 + seed)
+        example = [("files", ("e.png", noise_png(50, 24), "image/png"))]
+        added = httpx.post(f"{first}/classes", data={"name": "noise"}, files=example)
+        assert added.status_code == 201, added.text
+        version = httpx.get(f"{first}/health").json()["classifier"]
+        until(lambda: httpx.get(f"{second}/health").json()["classifier"] == version, "served")
+        listed = httpx.get(f"{second}/classes").json()["classes"]
+        assert "noise" in [c["name"] for c in listed]
+    finally:
+        for server in servers:
+            server.kill()
+            server.wait()
+
+
 def write_until(url: str, seeds: Iterator[int], done: threading.Event, acked: list[int]) -> None:
     """POST one image at a time until done, the replica is gone or 45 are acknowledged (the
     collection stays within one search's k); the ids acknowledged."""
