@@ -46,6 +46,7 @@ import torch
 
 from app.errors import NotReady, ServiceBusy
 from app.metrics import Metrics
+from app.service import single_threaded_torch
 from models.bundle import Encoded
 
 log = logging.getLogger(__name__)
@@ -297,9 +298,3 @@ def intra_op_threads(count: int) -> None:
     process-wide count at its first torch op, which would otherwise undo this later."""
     torch.get_num_threads()
     torch.set_num_threads(count)
-
-
-def single_threaded_torch() -> None:
-    """torch in this thread, and in every thread that has not run a torch op yet, runs on one
-    intra-op thread (see the module docstring)."""
-    torch.set_num_threads(1)

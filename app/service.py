@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
-from app.batching import single_threaded_torch
+import torch
+
 from app.errors import ImageFileMissing, NoIndex
 from app.settings import Settings
 from app.thumbnails import Thumbnails
@@ -117,6 +118,13 @@ class Service:
             self.follower.stop()
         if self.gallery is not None:
             self.gallery.close()
+
+
+def single_threaded_torch() -> None:
+    """torch in this thread, and in every thread that has not run a torch op yet, runs on one
+    intra-op thread: only the inference worker's thread may start an OpenMP team (see
+    app/batching.py)."""
+    torch.set_num_threads(1)
 
 
 def load_service(settings: Settings) -> Service:
