@@ -23,7 +23,8 @@ import numpy as np
 
 from benchmarks.machine import cpu_model
 from index.integrity import damaged_rows
-from index.store import ItemStore, NewItem
+from index.sqlite_store import ItemStore
+from index.store import NewItem
 
 OUT = Path(__file__).with_name("row_check.md")
 BATCH = 10_000

@@ -24,7 +24,8 @@ from urllib.parse import urlsplit
 from index.errors import DatabaseUnavailable, IndexMissing
 from index.integrity import check_items_file
 from index.snapshot import INFO_FILE
-from index.store import BaseItemStore, ItemStore
+from index.sqlite_store import ItemStore
+from index.store import BaseItemStore
 
 ITEMS_FILE = "items.sqlite"
 LEGACY_POINTER = "CURRENT"  # the folder format before the living collection

@@ -32,11 +32,11 @@ from psycopg_pool import ConnectionPool
 from index.errors import DatabaseUnavailable, IncompatibleIndex, IndexMissing, InsufficientStorage
 from index.folder import Database
 from index.integrity import check_checksums, check_meta
+from index.sqlite_store import ItemStore
 from index.store import (
     CHECKED_COLUMNS,
     FORGOTTEN_CHANGES,
     BaseItemStore,
-    ItemStore,
     Statements,
 )
 

@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient
 from app.main import create_app
 from app.settings import Settings
 from index.gallery import GalleryIndex
-from index.store import ItemStore
+from index.sqlite_store import ItemStore
 from models.bundle import Bundle
 from tests.servers import free_port, start_server
 from tests.synthetic import noise_png

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from app.ray_index import dataset_folder
-from index.store import ItemStore
+from index.sqlite_store import ItemStore
 
 # Runs one imgsim command with small shards and load chunks, so a small folder makes several;
 # KILL_AT: "embedding" dies (SIGKILL) once the first shard is written, "loading" once the
