@@ -14,26 +14,24 @@ embeddings in hand.
 from __future__ import annotations
 
 import logging
-import sqlite3
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from index import duplicates, folder, recovery
+from index import duplicates, folder, recovery, search
 from index.duplicates import Added
 from index.errors import (
-    EmptyIndex,
     ItemNotFound,
     ModelMismatch,
     disk_full_refused,
-    disk_is_full,
 )
 from index.folder import Database
 from index.kinds import KindChoice
 from index.locks import ReadWriteLock
+from index.search import Neighbour
 from index.snapshot import Snapshots
 from index.store import BaseItemStore, Item, NewItem
 from index.uploads import KeptImages
@@ -43,17 +41,6 @@ log = logging.getLogger(__name__)
 
 MAX_INDEX_MEMORY = "max_index_memory"  # the meta key of the collection's memory limit
 ADDED_CLASSES = "added_classes"  # the meta key of the classes added from examples
-COMPARE_TRIES = 5  # whole comparisons (see _compare_whole) before settling for the last one
-
-
-@dataclass(frozen=True)
-class Neighbour:
-    """One search result."""
-
-    id: int
-    path: str
-    label: str | None
-    score: float
 
 
 class GalleryIndex:
@@ -151,7 +138,7 @@ class GalleryIndex:
             )
             self._applied_seq = self.store.last_seq()
             if self.store.shared:  # other processes may have written while it was opened
-                self._compare_whole()
+                self._applied_seq = recovery.compared(self.vectors, self.store, self.dim)
         if snapshot_seq is None:
             self.snapshot()
         else:
@@ -196,7 +183,9 @@ class GalleryIndex:
         if len(embeddings) != len(items):
             raise ValueError("embeddings and items must have the same length")
         with self._lock.write():
-            matches = self._duplicates(embeddings, duplicate_threshold)
+            matches = search.duplicates_of(
+                self.vectors, self.store, embeddings, duplicate_threshold
+            )
             keep = [i for i, m in enumerate(matches) if not (skip_duplicates and m)]
             written: list[str] = []
             try:  # a failed add (duplicate external id, full disk) leaves no file behind
@@ -272,31 +261,10 @@ class GalleryIndex:
                 "index with the store's",
                 self._applied_seq,
             )
-            self._compare_whole()
-            return
-        if not changes:
-            return
-        added = {item for _, op, item in changes if op == "add"}
-        deleted = {item for _, op, item in changes if op == "delete"}
-        fresh = np.fromiter(sorted(added - deleted), dtype=np.int64)  # a later delete may win
-        chunks = list(self.store.embeddings(self.dim, fresh)) if len(fresh) else []
-        add = None
-        if chunks:
-            add = (np.concatenate([c[1] for c in chunks]), np.concatenate([c[0] for c in chunks]))
-        remove = np.fromiter(sorted(deleted - added), dtype=np.int64)
-        self.vectors = recovery.applied(self.vectors, self.store, self.kind, add, remove)
-        self._applied_seq = changes[-1][0]
-
-    def _compare_whole(self) -> None:
-        """FAISS made to hold exactly the stored ids, by comparing the two sets; repeated until
-        no change was committed meanwhile, so that the seq it is as of is exact."""
-        for _ in range(COMPARE_TRIES):
-            before = self.store.last_seq()
-            added, removed = recovery.catch_up(self.vectors, self.store, self.dim)
-            if self.store.last_seq() == before:
-                break
-        log.info("compared with the store: +%d, -%d, as of change %d", added, removed, before)
-        self._applied_seq = before
+            self._applied_seq = recovery.compared(self.vectors, self.store, self.dim)
+        elif changes:
+            self.vectors = recovery.through_log(self.vectors, self.store, self.kind, changes)
+            self._applied_seq = changes[-1][0]
 
     def image_path(self, sha256: str, suffix: str) -> str:
         """Where an uploaded image of this content is kept."""
@@ -333,33 +301,7 @@ class GalleryIndex:
     def _search(
         self, queries: np.ndarray, k: int, label: str | None, exclude: set[int]
     ) -> list[list[Neighbour]]:
-        if len(self) == 0:
-            raise EmptyIndex("the index is empty: add images with POST /images or 'imgsim index'")
-        allowed = None
-        if label is not None:
-            allowed = self.store.ids(label=label)
-            if not len(allowed):
-                return [[] for _ in queries]
-        ids, scores = self.vectors.search(queries, k, allowed, exclude)
-        rows = self.store.rows({int(i) for i in ids.ravel() if i >= 0})
-        return [
-            [
-                Neighbour(int(i), *rows[int(i)], float(s))
-                for i, s in zip(id_row, score_row, strict=True)
-                if int(i) in rows
-            ]
-            for id_row, score_row in zip(ids, scores, strict=True)
-        ]
-
-    def _duplicates(
-        self, embeddings: np.ndarray, threshold: float | None
-    ) -> list[duplicates.Match | None]:
-        """Each embedding's best match at or above the threshold (see index/duplicates.py)."""
-        if threshold is None:
-            return [None] * len(embeddings)
-        found = self._search(embeddings, 1, None, set()) if len(self) else [[]] * len(embeddings)
-        nearest = [(hits[0].id, hits[0].score) if hits else None for hits in found]
-        return duplicates.best_matches(embeddings, threshold, nearest)
+        return search.nearest(self.vectors, self.store, queries, k, label, exclude)
 
     def get(self, item_id: int) -> Item:
         """The stored item of that id."""
@@ -385,11 +327,7 @@ class GalleryIndex:
 
     def mean_embedding(self) -> np.ndarray:
         """The mean of every stored embedding (float64; zeros when there are none)."""
-        total, count = np.zeros(self.dim), 0
-        for _, vectors in self.store.embeddings(self.dim):
-            total += vectors.sum(0, dtype=np.float64)
-            count += len(vectors)
-        return total / max(count, 1)
+        return self.store.mean_embedding(self.dim)
 
     def added_classes(self) -> str | None:
         """The classes added from examples (models/imprint.py's JSON), kept with the collection
@@ -452,23 +390,9 @@ class GalleryIndex:
             }
 
     def close(self) -> None:
-        """Snapshot what changed and close the database; the object is unusable afterwards.
-
-        On a full disk it still closes, saying what it could not write: every committed
-        change is in the database, and the next start replays what the snapshot lacks."""
-        self._snapshots.wait()
-        if self._applied_seq != self._snapshots.seq:
-            try:
-                self.snapshot()
-            except (OSError, sqlite3.OperationalError) as err:
-                if not disk_is_full(err):
-                    raise
-                log.error(
-                    "the disk is full: no snapshot of changes %d-%d was written; the next start "
-                    "replays them from the database",
-                    self._snapshots.seq + 1,
-                    self._applied_seq,
-                )
+        """Snapshot what changed (unless the disk is full: see Snapshots.last) and close the
+        database; the object is unusable afterwards."""
+        self._snapshots.last(self._applied_seq, self._captured)
         self.store.close()
 
     def _checked(self, embeddings: np.ndarray) -> np.ndarray:

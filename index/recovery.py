@@ -26,6 +26,8 @@ from index.vectors import VectorIndex
 
 log = logging.getLogger(__name__)
 
+COMPARE_TRIES = 5  # whole comparisons (see compared) before settling for the last one
+
 
 def opened(
     directory: Path, store: BaseItemStore, fingerprint: str, choice: KindChoice
@@ -124,3 +126,34 @@ def remove_leftovers(directory: Path) -> None:
     """Delete the temporary files of writes a crash interrupted (snapshots, kept images)."""
     for leftover in [*directory.glob(".*.tmp"), *directory.glob(f"{IMAGES_DIR}/.*.tmp")]:
         leftover.unlink(missing_ok=True)
+
+
+def through_log(
+    vectors: VectorIndex,
+    store: BaseItemStore,
+    choice: KindChoice,
+    changes: list[tuple[int, str, int]],
+) -> VectorIndex:
+    """The index brought through changes other processes logged, (seq, op, id) in order: the
+    items added and not deleted again added, the earlier ones deleted removed."""
+    added = {item for _, op, item in changes if op == "add"}
+    deleted = {item for _, op, item in changes if op == "delete"}
+    fresh = np.fromiter(sorted(added - deleted), dtype=np.int64)  # a later delete may win
+    chunks = list(store.embeddings(choice.dim, fresh)) if len(fresh) else []
+    add = None
+    if chunks:
+        add = (np.concatenate([c[1] for c in chunks]), np.concatenate([c[0] for c in chunks]))
+    remove = np.fromiter(sorted(deleted - added), dtype=np.int64)
+    return applied(vectors, store, choice, add, remove)
+
+
+def compared(vectors: VectorIndex, store: BaseItemStore, dim: int) -> int:
+    """The index made to hold exactly the stored ids by comparing the two sets, repeated until
+    no change was committed meanwhile (COMPARE_TRIES at most); the seq it is then as of."""
+    for _ in range(COMPARE_TRIES):
+        before = store.last_seq()
+        added, removed = catch_up(vectors, store, dim)
+        if store.last_seq() == before:
+            break
+    log.info("compared with the store: +%d, -%d, as of change %d", added, removed, before)
+    return before

@@ -100,6 +100,25 @@ class Snapshots:
             )
             self._full_since = None
 
+    def last(self, last_change: int, capture: Capture) -> None:
+        """At close: wait for a background snapshot, then take one if changes came after it.
+        On a full disk it says what it could not write instead of raising: every committed
+        change is in the database, and the next start replays what the snapshot lacks."""
+        self.wait()
+        if last_change == self.seq:
+            return
+        try:
+            self.take(capture)
+        except (OSError, sqlite3.OperationalError) as err:
+            if not disk_is_full(err):
+                raise
+            log.error(
+                "the disk is full: no snapshot of changes %d-%d was written; the next start "
+                "replays them from the database",
+                self.seq + 1,
+                last_change,
+            )
+
     def wait(self) -> None:
         """Wait for a background snapshot to finish."""
         if self._thread is not None:

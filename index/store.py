@@ -263,6 +263,14 @@ class BaseItemStore(ABC):
                     if rows:
                         yield _matrix(rows, dim)
 
+    def mean_embedding(self, dim: int) -> np.ndarray:
+        """The mean of every stored embedding (float64; zeros when there are none)."""
+        total, count = np.zeros(dim), 0
+        for _, vectors in self.embeddings(dim):
+            total += vectors.sum(0, dtype=np.float64)
+            count += len(vectors)
+        return total / max(count, 1)
+
     def labels(self) -> dict[str | None, int]:
         """How many items carry each label."""
         with self._reading() as db:
