@@ -163,6 +163,19 @@ class PostgresItemStore(BaseItemStore):
 
             yield wait
 
+    @contextmanager
+    def snapshot_turn(self) -> Iterator[bool]:
+        """One replica at a time writes the shared folder's snapshot: a session lock taken
+        without waiting (the others skip theirs) and released when the block ends."""
+        key = f"imgsim snapshot {self.database.schema}"
+        with _translated(self.database), self._pool.connection() as connection:
+            [(ours,)] = connection.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (key,))
+            try:
+                yield bool(ours)
+            finally:
+                if ours:
+                    connection.execute("SELECT pg_advisory_unlock(hashtext(%s))", (key,))
+
     def forget_changes(self, up_to: int) -> None:
         """As SQLite's, but the last KEPT_CHANGES stay for the replicas that are behind."""
         if up_to > KEPT_CHANGES:

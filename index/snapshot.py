@@ -62,7 +62,9 @@ class Snapshots:
         """Write what `capture` returns, then drop the change log up to its last_seq."""
         if self.directory is None:
             return
-        with self._mutex:
+        with self._mutex, self.store.snapshot_turn() as ours:
+            if not ours:  # another replica is writing one into the shared folder right now
+                return
             data, info = capture()
             write_snapshot(self.directory, data, info)
             self.store.forget_changes(info["last_seq"])

@@ -14,7 +14,7 @@ import time
 import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -155,6 +155,12 @@ class BaseItemStore(ABC):
     def announcements(self) -> AbstractContextManager[Callable[[float], int | None]]:
         """A wait for the next change any process commits, where the store is shared."""
         raise NotImplementedError(f"{type(self).__name__} is not shared with other processes")
+
+    @contextmanager
+    def snapshot_turn(self) -> Iterator[bool]:
+        """Whether this process may write the folder's snapshot now (always, but where replicas
+        share the folder: then one at a time), held until the block ends."""
+        yield True
 
     def _announce(self, db: Statements, seq: int) -> None:
         """Tell the other processes that follow the collection of a change, on commit (a

@@ -4,6 +4,7 @@ their faults, is in test_replicas.py."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -118,3 +119,19 @@ def test_a_replica_follows_a_rebuild_that_replaced_the_collection(
     second.follow()
     assert sorted(second.vectors.ids().tolist()) == [5, 6] and second.consistent()
     assert found(second, vectors(2, 6)[:1]) == "/new-1.png"
+
+
+def test_replicas_take_turns_to_write_the_shared_snapshot(two, tmp_path: Path) -> None:
+    """While one replica writes the folder's snapshot, another skips its own (and writes the
+    next one), so that no snapshot names a file another replica removed."""
+    first, second = two
+    first.add(vectors(1, 7), items(["l"]))
+    info = tmp_path / "collection" / "snapshot.json"
+    with first.store.snapshot_turn() as ours:
+        assert ours
+        before = info.read_text()
+        second.snapshot()  # skipped: the turn is taken
+        assert info.read_text() == before
+    second.follow()
+    second.snapshot()
+    assert json.loads(info.read_text())["last_seq"] == second.last_change
