@@ -33,8 +33,10 @@ ARG BACKBONE=densenet121
 RUN mkdir -p /opt/torch && python -c "import sys; from models.backbones import build_model; build_model(sys.argv[1], 'imagenet')" "${BACKBONE}"
 
 # The demo bundle served when no bundle is mounted: sample shapes, fine-tuned briefly, indexed.
+# Then what only compiling needs leaves the virtualenv: torch's C++ headers (no compiler ships).
 WORKDIR /opt
-RUN imgsim demo --no-serve --workdir /opt/demo --device cpu --workers 0
+RUN imgsim demo --no-serve --workdir /opt/demo --device cpu --workers 0 \
+    && rm -r /opt/venv/lib/python3.*/site-packages/torch/include
 
 FROM python:3.11-slim
 

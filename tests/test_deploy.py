@@ -58,6 +58,7 @@ def test_dockerfile_fetches_weights_runs_unprivileged_and_checks_health(name: st
     # The weights' cache exists for every backbone (a Lite one downloads nothing) and is the
     # user's, who may download into it.
     assert "RUN mkdir -p /opt/torch && python -c" in text
+    assert "&& rm -r /opt/venv/lib/python3.*/site-packages/torch/include" in text
     assert "COPY --from=build --chown=10001:10001 /opt/torch /opt/torch" in final
     assert "ARG TORCH_INDEX=" in text and '--index-url "${TORCH_INDEX}"' in text
     assert "IMGSIM_CACHE_DIR=/data/cache" in final
