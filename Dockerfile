@@ -14,9 +14,11 @@ WORKDIR /src
 
 # The CPU wheels of torch/torchvision first (PyPI's default build carries GBs of CUDA),
 # then imgsim itself with the same pins as the README install and CI.
-# TORCH_INDEX: a site with its own mirror of the wheel index passes it with --build-arg.
+# TORCH_INDEX: a site with its own mirror of the wheel index passes it with --build-arg,
+# and PIP_TRUSTED_HOST (read by pip) when that mirror is served over plain http.
 COPY constraints.txt ./
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+ARG PIP_TRUSTED_HOST
 RUN pip install --index-url "${TORCH_INDEX}" "torch==2.14.1" "torchvision==0.29.1"
 COPY pyproject.toml README.md ./
 COPY app ./app
@@ -31,8 +33,10 @@ ARG BACKBONE=densenet121
 RUN mkdir -p /opt/torch && python -c "import sys; from models.backbones import build_model; build_model(sys.argv[1], 'imagenet')" "${BACKBONE}"
 
 # The demo bundle served when no bundle is mounted: sample shapes, fine-tuned briefly, indexed.
+# Then what only compiling needs leaves the virtualenv: torch's C++ headers (no compiler ships).
 WORKDIR /opt
-RUN imgsim demo --no-serve --workdir /opt/demo --device cpu --workers 0
+RUN imgsim demo --no-serve --workdir /opt/demo --device cpu --workers 0 \
+    && rm -r /opt/venv/lib/python3.*/site-packages/torch/include
 
 FROM python:3.11-slim
 
