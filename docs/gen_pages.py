@@ -132,16 +132,33 @@ def http_page() -> tuple[str, str]:
             body = _body(operation, components)
             if body:
                 lines += [*body, ""]
-            answers = operation.get("responses", {})
-            lines.append(
-                "Answers: "
-                + ", ".join(
-                    f"**{code}** {_cell(spec.get('description', ''))}"
-                    for code, spec in answers.items()
-                )
-            )
+            lines += [_answers(operation.get("responses", {})), ""]
+    lines += ["## Schemas", ""]
+    for name, component in components.items():
+        lines += [f"### {name}", "", component.get("description", ""), ""]
+        fields = component.get("properties", {})
+        if fields:
+            lines += ["| field | type | meaning |", "|---|---|---|"]
+            for field, spec in fields.items():
+                meaning = _cell(spec.get("description", ""))
+                lines.append(f"| `{field}` | {_cell(_schema_name(spec))} | {meaning} |")
             lines.append("")
     return "\n".join(lines), json.dumps(schema, indent=1)
+
+
+def _answers(responses: dict) -> str:
+    """The status codes, each with the schema of its JSON body where it has one."""
+    answers = []
+    for code, spec in responses.items():
+        body = spec.get("content", {}).get("application/json", {}).get("schema")
+        shape = f" ({_link(body)})" if body and "$ref" in body else ""
+        answers.append(f"**{code}** {_cell(spec.get('description', ''))}{shape}")
+    return "Answers: " + ", ".join(answers)
+
+
+def _link(schema: dict) -> str:
+    name = _schema_name(schema)
+    return f"[{name}](#{name.lower()})"
 
 
 def main() -> None:
