@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from index.folder import Database
+from index.database import Database
 from index.gallery import GalleryIndex
 from models import imprint
 from models.bundle import Bundle

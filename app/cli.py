@@ -1,4 +1,4 @@
-"""The imgsim command: train, index, eval, serve, demo."""
+"""The imgsim command: one sub-command per stage (the collection's in app/collection_cli.py)."""
 
 from __future__ import annotations
 
@@ -12,11 +12,22 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from app.options import COMMON, TRAINING, add_options, config_from, positive
+from app import collection_cli
+from app.options import (
+    RUNTIME_HELP,
+    TRAINING,
+    add_options,
+    address_options,
+    common_options,
+    config_from,
+    database_from,
+    database_option,
+    path_option,
+    positive,
+)
 from index.errors import IndexProblem
-from index.folder import Database
 from models.backbones import INSTALLED_BACKBONE
-from models.errors import DatasetError, ImgsimError
+from models.errors import ImgsimError
 from models.layout import BundleLayout
 from models.memory import retain_freed_memory
 from models.runtime import RUNTIMES
@@ -27,22 +38,11 @@ INIT_FROM_HELP = (
     "start from this bundle's trunk (and projection) with DATA_DIR's classes; its backbone and "
     "preprocessing are used, --weights is ignored"
 )
-RUNTIME_HELP = (
-    "where the network runs: auto (OpenVINO fp32 on the CPU, else ONNX Runtime; PyTorch on a "
-    "GPU), torch, onnx or openvino (fp32), openvino-bf16 (CPUs with bf16 instructions), "
-    "onnx-int8 or openvino-int8 (quantised, calibrated on the bundle's training images; see "
-    "'imgsim quantize'); exports are kept in the bundle folder (default: %(default)s)"
-)
 EVAL_GALLERY_HELP = (
     "gallery to search (default: BUNDLE/index when it exists, else leave-one-out over DATA_DIR's "
     "images)"
 )
-DATABASE_HELP = (
-    "PostgreSQL URL, e.g. postgresql://USER:PASSWORD@HOST/DB, that keeps the collection's items "
-    "and change log in place of the index folder's items.sqlite; the folder keeps the FAISS "
-    "snapshots and images (default: IMGSIM_DATABASE_URL when set; pip install 'imgsim[postgres]')"
-)
-DEMO_EPOCHS = 2  # the probe alone reaches 1.0 val top-1 on the shapes; see README
+DEMO_EPOCHS = 2  # the probe alone reaches 1.0 val top-1 on the shapes (docs/getting-started.md)
 
 DESCRIPTION = """\
 Fine-tune an ImageNet CNN on a folder of labelled images (one subfolder per class), index a
@@ -109,51 +109,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _database_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--database", metavar="URL", help=DATABASE_HELP)
-
-
-def _database(args: argparse.Namespace) -> Database | None:
-    """--database, else IMGSIM_DATABASE_URL (read by the service settings), else None: the
-    items are in the index folder's items.sqlite."""
-    from app.settings import Settings
-
-    return Database(args.database) if args.database else Settings().database()
-
-
-def _indexed_into(out: Path, database: Database | None) -> str:
-    return f"{out}" + (f" (items in {database})" if database is not None else "")
-
-
-def _common(parser: argparse.ArgumentParser, **defaults: object) -> None:
-    # IMGSIM_BACKBONE, which serve reads (the image sets it), is every command's default too.
-    if os.environ.get("IMGSIM_BACKBONE") and "backbone" not in defaults:
-        defaults["backbone"] = os.environ["IMGSIM_BACKBONE"]
-    add_options(parser, COMMON, **defaults)
-
-
-def _path(
-    parser: argparse.ArgumentParser, flag: str, metavar: str, help: str, required: bool = False
-) -> None:
-    parser.add_argument(flag, type=Path, metavar=metavar, required=required, help=help)
-
-
-def _address(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", default="127.0.0.1", help="(default: %(default)s)")
-    parser.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
-
-
 def _train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("data_dir", type=Path, metavar="DATA_DIR")
-    _path(parser, "--out", "BUNDLE", "folder to write the bundle to", required=True)
-    _path(parser, "--init-from", "BUNDLE", INIT_FROM_HELP)
+    path_option(parser, "--out", "BUNDLE", "folder to write the bundle to", required=True)
+    path_option(parser, "--init-from", "BUNDLE", INIT_FROM_HELP)
     parser.add_argument(
         "--resume",
         action="store_true",
         help="continue an interrupted run from BUNDLE/checkpoint.pt (same settings needed); "
         "the checkpoint is deleted once the bundle is saved",
     )
-    _common(parser)
+    common_options(parser)
     add_options(parser, TRAINING)
 
 
@@ -168,101 +134,15 @@ def _run_train(args: argparse.Namespace) -> None:
         print(f"bundle written to {args.out} (model {bundle.fingerprint})")
 
 
-def _index_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("gallery_dir", metavar="GALLERY_DIR")  # a folder, or a URI for Ray
-    _path(parser, "--model", "BUNDLE", "trained bundle folder")
-    _path(parser, "--out", "DIR", "index folder (default: BUNDLE/index, or ./index-BACKBONE)")
-    add_options(parser, ("batch_size", "workers"))
-    parser.add_argument(
-        "--rebuild",
-        action="store_true",
-        help="re-embed every image into a fresh index instead of adding only new files",
-    )
-    parser.add_argument(
-        "--index-factory",
-        metavar="FACTORY",
-        help="FAISS factory string, e.g. HNSW32,Flat (default: chosen from the collection size)",
-    )
-    parser.add_argument(
-        "--max-index-memory",
-        type=positive,
-        metavar="BYTES",
-        help="keep the index within BYTES: where the full vectors (Flat or HNSW) would need "
-        "more, the chosen kind is IVF-PQ, which stores compressed codes; kept with the "
-        "collection (default: no limit)",
-    )
-    parser.add_argument("--runtime", default="auto", choices=RUNTIMES, help=RUNTIME_HELP)
-    parser.add_argument(
-        "--engine",
-        default="process",
-        choices=("process", "ray"),
-        help="embed in this process with --workers decoders, or on Ray Data (pip install "
-        "'imgsim[ray]'): GALLERY_DIR may then be a URI such as s3://bucket/prefix, the "
-        "embeddings are kept as Parquet shards beside the index and a rerun resumes "
-        "(default: %(default)s)",
-    )
-    parser.add_argument(
-        "--ray-address",
-        metavar="ADDRESS",
-        help="the Ray cluster to run on (default: RAY_ADDRESS, else Ray started here)",
-    )
-    _database_option(parser)
-    _common(parser)
-
-
-def _run_index(args: argparse.Namespace) -> None:
-    from app.stages import index_folder
-    from models.bundle import Bundle
-
-    if args.model is not None:
-        bundle = Bundle.load(args.model, args.device)
-    else:
-        bundle = Bundle.pretrained(args.backbone, args.weights, args.device)
-    bundle.use_runtime(args.runtime)
-    default = BundleLayout(args.model).index if args.model else Path(f"index-{args.backbone}")
-    out = args.out or default
-    database = _database(args)
-    if args.engine == "ray" and database is not None:
-        raise DatasetError(
-            "--engine ray keeps the items in the index folder's items.sqlite only, for now: "
-            "index into PostgreSQL with --engine process."
-        )
-    common = {
-        "batch_size": args.batch_size,
-        "rebuild": args.rebuild,
-        "factory": args.index_factory,
-        "max_index_memory": args.max_index_memory,
-    }
-    if args.engine == "ray":
-        from app.ray_index import index_on_ray
-
-        source = str(args.gallery_dir)
-        gallery = index_on_ray(
-            source, bundle, out, runtime=args.runtime, address=args.ray_address, **common
-        )
-    elif "://" in args.gallery_dir:
-        raise DatasetError(
-            f"{args.gallery_dir} is a URI, which only --engine ray reads. Add --engine ray "
-            "(pip install 'imgsim[ray]'), or copy the images to a local folder."
-        )
-    else:
-        folder = Path(args.gallery_dir)
-        gallery = index_folder(
-            folder, bundle, out, workers=args.workers, database=database, **common
-        )
-    where = _indexed_into(out, database)
-    print(f"indexed {len(gallery)} images into {where} (model {bundle.fingerprint})")
-
-
 def _eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("data_dir", type=Path, metavar="DATA_DIR")
-    _path(parser, "--model", "BUNDLE", "trained bundle folder", required=True)
-    _path(parser, "--index", "DIR", EVAL_GALLERY_HELP)
+    path_option(parser, "--model", "BUNDLE", "trained bundle folder", required=True)
+    path_option(parser, "--index", "DIR", EVAL_GALLERY_HELP)
     parser.add_argument(
         "--no-index", action="store_true", help="use DATA_DIR's images as gallery (leave-one-out)"
     )
-    _database_option(parser)
-    _path(parser, "--out", "DIR", "report folder (default: BUNDLE/eval)")
+    database_option(parser)
+    path_option(parser, "--out", "DIR", "report folder (default: BUNDLE/eval)")
     parser.add_argument(
         "--knn-k", type=positive, default=5, help="neighbours in the vote (default: %(default)s)"
     )
@@ -286,13 +166,8 @@ def _run_eval(args: argparse.Namespace) -> None:
         out,
         index_dir=args.index,
         use_index=not args.no_index,
-        knn_k=args.knn_k,
-        target_precision=args.target_precision,
-        batch_size=args.batch_size,
-        workers=args.workers,
-        device=args.device,
-        runtime=args.runtime,
-        database=_database(args),
+        database=database_from(args),
+        **_given(args, "knn_k", "target_precision", "batch_size", "workers", "device", "runtime"),
     )
     retrieval = report["retrieval"]
     print(
@@ -302,14 +177,19 @@ def _run_eval(args: argparse.Namespace) -> None:
     )
 
 
+def _given(args: argparse.Namespace, *names: str) -> dict[str, object]:
+    """The named options as keyword arguments of the same names."""
+    return {name: getattr(args, name) for name in names}
+
+
 def _shown(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
 
 
 def _serve_arguments(parser: argparse.ArgumentParser) -> None:
-    _path(parser, "--model", "BUNDLE", "trained bundle folder")
-    _path(parser, "--index", "DIR", "index folder (default: BUNDLE/index when it exists)")
-    _address(parser)
+    path_option(parser, "--model", "BUNDLE", "trained bundle folder")
+    path_option(parser, "--index", "DIR", "index folder (default: BUNDLE/index when it exists)")
+    address_options(parser)
     parser.add_argument(
         "--allow-open-writes",
         action="store_true",
@@ -317,8 +197,8 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
         "images (default: the service is read-only there)",
     )
     parser.add_argument("--runtime", default="auto", choices=RUNTIMES, help=RUNTIME_HELP)
-    _database_option(parser)
-    _common(parser)
+    database_option(parser)
+    common_options(parser)
 
 
 def _run_serve(args: argparse.Namespace) -> None:
@@ -328,32 +208,16 @@ def _run_serve(args: argparse.Namespace) -> None:
     settings = Settings(
         bundle_dir=args.model,
         index_dir=args.index,
-        backbone=args.backbone,
-        weights=args.weights,
-        device=args.device,
+        **_given(args, "backbone", "weights", "device", "runtime"),
         **({"allow_open_writes": True} if args.allow_open_writes else {}),
         **({"database_url": args.database} if args.database else {}),
-        runtime=args.runtime,
     )
     serve(settings, args.host, args.port)
 
 
-def _backup_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("index_dir", type=Path, metavar="INDEX_DIR")
-    parser.add_argument("dest", type=Path, metavar="DEST", help="new folder for the copy")
-    _database_option(parser)
-
-
-def _run_backup(args: argparse.Namespace) -> None:
-    from index.backup import backup_collection
-
-    count = backup_collection(args.index_dir, args.dest, _database(args))
-    print(f"backed up {count} items of {args.index_dir} to {args.dest}")
-
-
 def _quantize_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("bundle", type=Path, metavar="BUNDLE")
-    _path(
+    path_option(
         parser,
         "--calibration",
         "DIR",
@@ -373,36 +237,6 @@ def _run_quantize(args: argparse.Namespace) -> None:
     )
 
 
-def _classes_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("action", choices=("add", "list", "remove"))
-    parser.add_argument("name", nargs="?", metavar="NAME", help="the class (add, remove)")
-    parser.add_argument(
-        "images", nargs="?", type=Path, metavar="DIR", help="its example images (add)"
-    )
-    _path(parser, "--model", "BUNDLE", "trained bundle folder")
-    _path(parser, "--index", "DIR", "the collection (default: BUNDLE/index)")
-    _database_option(parser)
-    add_options(parser, ("workers",))
-
-
-def _run_classes(args: argparse.Namespace) -> None:
-    from app.classes_cli import change_classes
-
-    if args.model is None or (args.action != "list" and args.name is None):
-        raise DatasetError(
-            "imgsim classes needs --model BUNDLE, and a NAME to add or remove: e.g. "
-            "'imgsim classes add NAME DIR --model BUNDLE'."
-        )
-    if args.action == "add" and args.images is None:
-        raise DatasetError("imgsim classes add needs the folder of example images: NAME DIR.")
-    classifier = change_classes(
-        args.action, args.model, args.index, args.name, args.images, args.workers, _database(args)
-    )
-    for added in classifier.added:
-        print(f"{added.name}\tadded from {added.examples} image(s)")
-    print(f"{len(classifier.trained)} trained classes; classifier {classifier.version}")
-
-
 def _demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--workdir",
@@ -410,9 +244,9 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
         default=Path("imgsim-demo"),
         help="where data and bundle go (default: %(default)s)",
     )
-    _address(parser)
+    address_options(parser)
     parser.add_argument("--no-serve", action="store_true", help="stop after indexing")
-    _common(parser, backbone=INSTALLED_BACKBONE)
+    common_options(parser, backbone=INSTALLED_BACKBONE)
     add_options(parser, TRAINING, epochs=DEMO_EPOCHS)
 
 
@@ -437,8 +271,8 @@ COMMANDS: dict[str, tuple[str, str, Callable[[argparse.ArgumentParser], None], C
         "Embed every image below GALLERY_DIR (labels from "
         "its subfolders) into an index. Without --model, the backbone's "
         "ImageNet model is used.",
-        _index_arguments,
-        _run_index,
+        collection_cli.index_arguments,
+        collection_cli.run_index,
     ),
     "eval": (
         "evaluate a bundle on held-out class folders",
@@ -464,8 +298,8 @@ COMMANDS: dict[str, tuple[str, str, Callable[[argparse.ArgumentParser], None], C
         "server and put DEST in place of INDEX_DIR. With --database the items are read from "
         "PostgreSQL in one transaction into DEST/items.sqlite, so that DEST is served as it is, "
         "without the database; for backups kept in PostgreSQL, use pg_dump.",
-        _backup_arguments,
-        _run_backup,
+        collection_cli.backup_arguments,
+        collection_cli.run_backup,
     ),
     "quantize": (
         "make the int8 model of a bundle for --runtime openvino-int8 or onnx-int8",
@@ -482,8 +316,8 @@ COMMANDS: dict[str, tuple[str, str, Callable[[argparse.ArgumentParser], None], C
         "(a few are enough), kept with the collection as POST /classes does; add to an added "
         "class for more examples; list; remove NAME. A running server sees it after a "
         "restart.",
-        _classes_arguments,
-        _run_classes,
+        collection_cli.classes_arguments,
+        collection_cli.run_classes,
     ),
     "demo": (
         "the built-in default: sample data, train, serve",

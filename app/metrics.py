@@ -51,36 +51,34 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
-        self.rejected = Counter(
-            "imgsim_rejected_requests",
-            "requests answered 503 because the inference queue was full",
-            registry=self.registry,
+        self.rejected = self._counter(
+            "imgsim_rejected_requests", "requests answered 503 because the inference queue was full"
         )
-        self.unhandled_errors = Counter(
+        self.unhandled_errors = self._counter(
             "imgsim_unhandled_errors",
             "requests that failed with an unexpected exception (answered 500)",
-            registry=self.registry,
         )
-        self.queue_depth = Gauge(
-            "imgsim_inference_queue_depth", "images waiting for the model", registry=self.registry
+        self.queue_depth = self._gauge(
+            "imgsim_inference_queue_depth", "images waiting for the model"
         )
-        self.index_size = Gauge(
-            "imgsim_index_size", "items in the gallery index", registry=self.registry
+        self.index_size = self._gauge("imgsim_index_size", "items in the gallery index")
+        self.change_applied = self._gauge(
+            "imgsim_change_applied", "the last change the index holds"
         )
-        self.change_applied = Gauge(
-            "imgsim_change_applied", "the last change the index holds", registry=self.registry
+        self.change_lag = self._gauge(
+            "imgsim_change_lag", "changes other replicas committed that this one has not applied"
         )
-        self.change_lag = Gauge(
-            "imgsim_change_lag",
-            "changes other replicas committed that this one has not applied",
-            registry=self.registry,
-        )
-        self.change_lag_seconds = Gauge(
+        self.change_lag_seconds = self._gauge(
             "imgsim_change_lag_seconds",
             "how long this replica has known of a change it has not applied",
-            registry=self.registry,
         )
         self._served: _Served | None = None
+
+    def _counter(self, name: str, documentation: str) -> Counter:
+        return Counter(name, documentation, registry=self.registry)
+
+    def _gauge(self, name: str, documentation: str) -> Gauge:
+        return Gauge(name, documentation, registry=self.registry)
 
     def observe_forward(self, images: int, seconds: float) -> None:
         """One forward of `images` images that took `seconds`."""

@@ -1,12 +1,16 @@
-"""Command-line options generated from the TrainConfig fields: one default, one help text."""
+"""The command line's options: those generated from the TrainConfig fields (one default, one
+help text), and those several commands share (the model, the database, paths, the address)."""
 
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import Field, fields
+from pathlib import Path
 from typing import Any
 
+from index.database import Database
 from models.config import TrainConfig
 
 COMMON = ("backbone", "weights", "device", "seed")
@@ -66,3 +70,46 @@ def fraction(text: str) -> float:
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"must lie between 0 and 1, not {text}")
     return value
+
+
+RUNTIME_HELP = (
+    "where the network runs: auto (OpenVINO fp32 on the CPU, else ONNX Runtime; PyTorch on a "
+    "GPU), torch, onnx or openvino (fp32), openvino-bf16 (CPUs with bf16 instructions), "
+    "onnx-int8 or openvino-int8 (quantised, calibrated on the bundle's training images; see "
+    "'imgsim quantize'); exports are kept in the bundle folder (default: %(default)s)"
+)
+DATABASE_HELP = (
+    "PostgreSQL URL, e.g. postgresql://USER:PASSWORD@HOST/DB, that keeps the collection's items "
+    "and change log in place of the index folder's items.sqlite; the folder keeps the FAISS "
+    "snapshots and images (default: IMGSIM_DATABASE_URL when set; pip install 'imgsim[postgres]')"
+)
+
+
+def database_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--database", metavar="URL", help=DATABASE_HELP)
+
+
+def database_from(args: argparse.Namespace) -> Database | None:
+    """--database, else IMGSIM_DATABASE_URL (read by the service settings), else None: the
+    items are in the index folder's items.sqlite."""
+    from app.settings import Settings
+
+    return Database(args.database) if args.database else Settings().database()
+
+
+def common_options(parser: argparse.ArgumentParser, **defaults: object) -> None:
+    # IMGSIM_BACKBONE, which serve reads (the image sets it), is every command's default too.
+    if os.environ.get("IMGSIM_BACKBONE") and "backbone" not in defaults:
+        defaults["backbone"] = os.environ["IMGSIM_BACKBONE"]
+    add_options(parser, COMMON, **defaults)
+
+
+def path_option(
+    parser: argparse.ArgumentParser, flag: str, metavar: str, help: str, required: bool = False
+) -> None:
+    parser.add_argument(flag, type=Path, metavar=metavar, required=required, help=help)
+
+
+def address_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="(default: %(default)s)")
+    parser.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")

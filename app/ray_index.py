@@ -6,13 +6,10 @@ Two steps, each resumable:
    s3://bucket/prefix) not yet in the collection are read, hashed and decoded with the one
    decode policy in CPU tasks, and embedded in a pool of actors that each load the bundle once
    and run it with the runtime (one GPU per actor where the cluster has GPUs). The driver
-   writes what comes back as Parquet shards (relative path, label, sha256, embedding) into
-   DATASET_DIR (the index folder's `.name.embeddings` beside it), each atomically, so a shard
-   on disk is always whole. A rerun after a crash leaves out the files already in a shard.
+   writes what comes back as Parquet shards beside the index (app/embedding_shards.py); a
+   rerun after a crash leaves out the files already in a shard.
 2. Load. The shards are added to the collection through the same add path as the in-process
-   index, one chunk of rows per transaction, so memory stays bounded by a chunk (plus FAISS's
-   own vectors). A rerun leaves out the rows whose path is already in the collection. Once
-   every shard is loaded the dataset is marked complete; the next run starts a new one.
+   index, a chunk of rows per transaction; a rerun leaves out the paths already there.
 
 Files whose content is already in the collection under a path outside this run are left out,
 as the in-process index leaves out known contents; so an interrupted and resumed run gives the
@@ -26,8 +23,6 @@ import logging
 import os
 import shutil
 import tempfile
-import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -37,34 +32,29 @@ import torch
 from torchvision.transforms import v2
 from tqdm import tqdm
 
+from app.embedding_shards import (
+    COMPLETE,
+    dataset_folder,
+    finished_shards,
+    load_shards,
+    write_shard,
+)
 from index.folder import replace_directory
 from index.gallery import GalleryIndex
-from index.store import NewItem
+from models.backbones import Preprocessing
 from models.bundle import Bundle
 from models.config import BATCH_SIZE
-from models.data import (
-    IMAGE_EXTENSIONS,
-    SPLIT_FOLDERS,
-    Preprocessing,
-    decode,
-    eval_transform,
-    label_of_parts,
-    listing,
-    resized,
-    scan_images,
-)
+from models.data import IMAGE_EXTENSIONS, SPLIT_FOLDERS, listing, scan_images
 from models.errors import DatasetError, UnsupportedImage
+from models.export import export_folder
 from models.layout import BundleLayout
-from models.runtime import export_folder
+from models.transforms import decode, eval_transform, resized
 
 log = logging.getLogger(__name__)
 
 SHARD_ROWS = 2048  # rows per Parquet shard: 10 MB at efficientnet_lite0's 1280 floats
-LOAD_ROWS = 2048  # rows added to the collection per transaction
 DECODE_ROWS = 64  # files per decode task call: ~0.1 s of work, far above a task's overhead
 ACTOR_MEMORY = 2**30  # bytes Ray reserves for an embedding actor
-COMPLETE = "_COMPLETE"  # marks a dataset whose every shard is in the collection
-FINGERPRINT_KEY = b"imgsim_fingerprint"  # Parquet metadata: the model that made a shard
 RAY_MISSING = (
     "imgsim index --engine ray needs Ray Data, which is not installed. Install it with "
     "pip install 'imgsim[ray]' (or run without --engine ray to index in this process)."
@@ -125,11 +115,6 @@ class Source:
         return relative, [], set(SPLIT_FOLDERS) <= tops
 
 
-def dataset_folder(out_dir: Path) -> Path:
-    """Where the Parquet shards of an index folder are written: beside it."""
-    return out_dir.with_name(f".{out_dir.name}.embeddings")
-
-
 def index_on_ray(
     source_dir: str,
     bundle: Bundle,
@@ -149,7 +134,7 @@ def index_on_ray(
         import ray
     except ImportError:
         raise DatasetError(RAY_MISSING) from None
-    from app.stages import open_for_update
+    from app.stages import new_collection, open_for_update
 
     source = Source.of(source_dir)
     relative, skipped, split = source.list()
@@ -165,17 +150,11 @@ def index_on_ray(
     created = gallery is None
     if gallery is None:
         shutil.rmtree(target, ignore_errors=True)
-        gallery = GalleryIndex.create(
-            bundle.embedding_dim,
-            bundle.fingerprint,
-            target,
-            factory,
-            max_index_memory=max_index_memory,
-        )
+        gallery = new_collection(target, bundle, factory, max_index_memory)
     dataset = dataset_folder(target)
     try:
         stored = gallery.contents_by_path()
-        done = _finished_shards(dataset, bundle.fingerprint)
+        done = finished_shards(dataset, bundle.fingerprint)
         todo = [r for r in relative if source.stored_path(r) not in stored and r not in done]
         log.info(
             "%d images: %d in the collection, %d embedded by an earlier run, %d to embed",
@@ -191,7 +170,7 @@ def index_on_ray(
         problems = skipped + failed
         if problems:
             log.warning("skipping %d unreadable file(s): %s", len(problems), listing(problems))
-        _load(dataset, source, gallery, stored)
+        load_shards(dataset, source.stored_path, gallery, stored)
         if not len(gallery):
             raise DatasetError(
                 f"none of the {len(relative)} image files below {source.uri} could be indexed: "
@@ -230,28 +209,6 @@ def _start_ray(ray: Any, address: str | None) -> None:
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
-
-
-def _finished_shards(dataset: Path, fingerprint: str) -> set[str]:
-    """The relative paths in this dataset's whole shards of this model. A complete dataset
-    (loaded by an earlier run), shards of another model and partial writes are removed."""
-    import pyarrow.parquet as pq
-
-    if (dataset / COMPLETE).exists():
-        shutil.rmtree(dataset)
-    dataset.mkdir(parents=True, exist_ok=True)
-    done: set[str] = set()
-    for path in sorted(dataset.iterdir()):
-        if path.suffix != ".parquet":
-            path.unlink()  # a shard whose write was cut short
-            continue
-        metadata = pq.read_schema(path).metadata or {}
-        if metadata.get(FINGERPRINT_KEY) != fingerprint.encode():
-            log.info("removing %s: embedded by another model", path.name)
-            path.unlink()
-            continue
-        done.update(pq.read_table(path, columns=["path"]).column("path").to_pylist())
-    return done
 
 
 def _embed(
@@ -307,10 +264,10 @@ def _embed(
             rows += len(good["path"])
             progress.update(len(batch["path"]))
             if rows >= SHARD_ROWS:
-                _write_shard(dataset, shard, split, bundle.fingerprint)
+                write_shard(dataset, shard, split, bundle.fingerprint)
                 shard, rows = [], 0
         if rows:
-            _write_shard(dataset, shard, split, bundle.fingerprint)
+            write_shard(dataset, shard, split, bundle.fingerprint)
     return failed
 
 
@@ -382,86 +339,5 @@ class Embedder:
         if ok.any():
             x = self.transform(torch.from_numpy(batch["pixels"][ok]))
             embeddings[ok] = self.bundle.forward(x).embeddings
-        return {
-            "path": batch["path"],
-            "sha256": batch["sha256"],
-            "error": batch["error"],
-            "embedding": embeddings,
-        }
-
-
-def _write_shard(
-    dataset: Path, parts: list[dict[str, np.ndarray]], split: bool, fingerprint: str
-) -> None:
-    """Rows as one Parquet file, written under a temporary name and renamed when whole."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    embeddings = np.concatenate([p["embedding"] for p in parts]).astype(np.float32)
-    dim = embeddings.shape[1]
-    paths = np.concatenate([p["path"] for p in parts]).tolist()
-    labels = [label_of_parts(PurePosixPath(path).parts, split) for path in paths]
-    table = pa.table(
-        {
-            "path": pa.array(paths, pa.string()),
-            "label": pa.array(labels, pa.string()),
-            "sha256": pa.array(np.concatenate([p["sha256"] for p in parts]).tolist(), pa.string()),
-            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(embeddings.ravel()), dim),
-        }
-    ).replace_schema_metadata({FINGERPRINT_KEY: fingerprint.encode()})
-    name = f"shard-{uuid.uuid4().hex[:12]}.parquet"
-    pq.write_table(table, dataset / f"{name}.partial")
-    os.replace(dataset / f"{name}.partial", dataset / name)
-
-
-def _load(
-    dataset: Path,
-    source: Source,
-    gallery: GalleryIndex,
-    stored: dict[str, str | None],
-) -> int:
-    """Add the shards' rows not yet in the collection, LOAD_ROWS at a time; returns how many.
-    A row is left out when its path is in the collection, or its content is there under a
-    path that no shard of this run holds (an image indexed before, as `imgsim index` skips)."""
-    shards = sorted(dataset.glob("*.parquet"))
-    ours = {source.stored_path(p) for p in _shard_paths(shards)}
-    elsewhere = {sha for path, sha in stored.items() if path not in ours}
-    added = 0
-    for chunk in _chunks(shards):
-        paths = [source.stored_path(p) for p in chunk["path"]]
-        keep = [
-            i
-            for i, (path, sha) in enumerate(zip(paths, chunk["sha256"], strict=True))
-            if path not in stored and sha not in elsewhere
-        ]
-        if not keep:
-            continue
-        items = [NewItem(paths[i], chunk["label"][i], sha256=chunk["sha256"][i]) for i in keep]
-        gallery.add(chunk["embedding"][keep], items)
-        stored.update((item.path, item.sha256) for item in items)
-        added += len(items)
-    log.info("added %d images from %d shard(s) in %s", added, len(shards), dataset)
-    return added
-
-
-def _shard_paths(shards: list[Path]) -> Iterator[str]:
-    import pyarrow.parquet as pq
-
-    for shard in shards:
-        yield from pq.read_table(shard, columns=["path"]).column("path").to_pylist()
-
-
-def _chunks(shards: list[Path]) -> Iterator[dict[str, Any]]:
-    """The shards' rows, LOAD_ROWS at a time: paths, hashes and an (N, D) float32 matrix."""
-    import pyarrow.parquet as pq
-
-    for shard in shards:
-        for batch in pq.ParquetFile(shard).iter_batches(batch_size=LOAD_ROWS):
-            column = batch.column("embedding")
-            dim = column.type.list_size
-            yield {
-                "path": batch.column("path").to_pylist(),
-                "label": batch.column("label").to_pylist(),
-                "sha256": batch.column("sha256").to_pylist(),
-                "embedding": column.flatten().to_numpy().reshape(-1, dim),
-            }
+        kept = {key: batch[key] for key in ("path", "sha256", "error")}
+        return {**kept, "embedding": embeddings}

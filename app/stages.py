@@ -16,8 +16,9 @@ from app.limits import headers_within
 from app.main import create_app
 from app.service import load_service
 from app.settings import Settings
+from index.database import Database
 from index.errors import IndexMissing, ModelMismatch
-from index.folder import Database, discard, replace_directory
+from index.folder import discard, replace_directory
 from index.gallery import GalleryIndex
 from index.store import NewItem
 from models.bundle import Bundle
@@ -71,14 +72,7 @@ def index_folder(
         target = out_dir.with_name(f".{out_dir.name}.building-{os.getpid()}")
         target_database = database.staging() if database is not None else None
         discard(target, target_database)
-        gallery = GalleryIndex.create(
-            bundle.embedding_dim,
-            bundle.fingerprint,
-            target,
-            factory,
-            max_index_memory=max_index_memory,
-            database=target_database,
-        )
+        gallery = new_collection(target, bundle, factory, max_index_memory, target_database)
     known = gallery.known_contents()
     hashes = [hashlib.sha256(path.read_bytes()).hexdigest() for path in paths]
     new = [(path, sha) for path, sha in zip(paths, hashes, strict=True) if sha not in known]
@@ -130,6 +124,25 @@ def open_for_update(
     if max_index_memory is not None:
         gallery.limit_memory(max_index_memory)
     return gallery
+
+
+def new_collection(
+    target: Path,
+    bundle: Bundle,
+    factory: str | None,
+    max_index_memory: int | None,
+    database: Database | None = None,
+) -> GalleryIndex:
+    """An empty collection at target for this bundle's embeddings (its items in the database if
+    given), of the index kind factory names, else the one chosen by size within the memory."""
+    return GalleryIndex.create(
+        bundle.embedding_dim,
+        bundle.fingerprint,
+        target,
+        factory,
+        max_index_memory=max_index_memory,
+        database=database,
+    )
 
 
 def serve(settings: Settings, host: str = "127.0.0.1", port: int = 8000) -> None:

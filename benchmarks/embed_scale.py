@@ -66,19 +66,19 @@ def run_ray(images: Path, bundle_dir: Path, out: Path) -> dict:
     bundle = Bundle.load(bundle_dir, "cpu")
     bundle.use_runtime("auto")
     shards: list[tuple[float, int]] = []
-    write = ray_index._write_shard
+    write = ray_index.write_shard
 
     def timed_write(dataset: Path, parts: list, split: bool, fingerprint: str) -> None:
         write(dataset, parts, split, fingerprint)
         shards.append((time.perf_counter(), sum(len(p["path"]) for p in parts)))
 
-    ray_index._write_shard = timed_write
+    ray_index.write_shard = timed_write
     try:
         started = time.perf_counter()
         collection = ray_index.index_on_ray(str(images), bundle, out, batch_size=BATCH_SIZE)
         seconds = time.perf_counter() - started
     finally:
-        ray_index._write_shard = write
+        ray_index.write_shard = write
     first_at, first_rows = shards[0]
     rate = (len(collection) - first_rows) / (shards[-1][0] - first_at) if len(shards) > 1 else None
     parquet = sum(p.stat().st_size for p in ray_index.dataset_folder(out).glob("*.parquet"))

@@ -25,8 +25,9 @@ from torch.utils.data import DataLoader
 
 from benchmarks.transfer import STAMPS
 from models.backbones import preprocessing_for
-from models.data import ImageDataset, find_images, label_of, train_transform
+from models.data import ImageDataset, find_images, label_of
 from models.network import build_net
+from models.transforms import train_transform
 
 OUT = Path(__file__).with_name("loader.md")
 

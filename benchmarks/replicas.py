@@ -37,7 +37,7 @@ import httpx
 import numpy as np
 
 from benchmarks.machine import cpu_model
-from index.folder import Database
+from index.database import Database
 from index.gallery import GalleryIndex
 from index.store import NewItem
 from models.bundle import Bundle

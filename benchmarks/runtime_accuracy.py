@@ -32,17 +32,12 @@ from benchmarks.transfer import CLASSES, STAMPS, configure, copy_split
 from models.backbones import preprocessing_for
 from models.bundle import Bundle, BundleConfig
 from models.data import list_class_folders, load_splits
+from models.export import CALIBRATION_IMAGES, CALIBRATION_PERCENTILE, INT8_RECIPE, int8_recipes
 from models.layout import BundleLayout
 from models.memory import retain_freed_memory
 from models.metrics import recall_at_k
 from models.network import build_net
-from models.runtime import (
-    CALIBRATION_IMAGES,
-    CALIBRATION_PERCENTILE,
-    ENGINES,
-    INT8_RECIPE,
-    int8_recipes,
-)
+from models.runtime import ENGINES
 from models.training import TrainConfig, train
 
 HERE = Path(__file__).parent

@@ -40,7 +40,8 @@ def one_method(row: str, stamps: Path, workers: int, passes: int) -> dict[str, l
     import multiprocessing
 
     from models.backbones import preprocessing_for
-    from models.data import ImageDataset, eval_transform, find_images
+    from models.data import ImageDataset, find_images
+    from models.transforms import eval_transform
     from models.workers import loader, preload_in_workers
 
     method, preload = METHODS[row]

@@ -2,9 +2,11 @@
 PostgreSQL), FAISS derived.
 
 - gallery.py     GalleryIndex: open, add, delete, search, snapshot; one lock over the store + FAISS
+- search.py      the k nearest stored items of embeddings, and near-duplicates of new ones
 - store.py       BaseItemStore: items, embeddings and the change log; the queries both stores share
 - sqlite_store.py  ItemStore: the same in SQLite (a collection's items.sqlite, the default)
 - pg_store.py    PostgresItemStore: the same in PostgreSQL; its schema's migrations; NOTIFY
+- database.py    Database: the PostgreSQL URL and schema of a collection's items
 - follower.py    ChangeFollower: a replica's index kept up with the others' writes
 - vectors.py     VectorIndex: the FAISS index of one kind, with deleted ids it cannot remove hidden
 - kinds.py       which FAISS kind (Flat, HNSW, IVF-PQ) for a size and memory limit; building,

@@ -24,8 +24,9 @@ import shutil
 import sqlite3
 from pathlib import Path
 
+from index.database import Database
 from index.errors import disk_full_refused
-from index.folder import ITEMS_FILE, Database, existing_store
+from index.folder import ITEMS_FILE, existing_store
 from index.snapshot import INFO_FILE, SnapshotUnusable, read_snapshot
 from index.store import BaseItemStore
 from index.uploads import IMAGES_DIR

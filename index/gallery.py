@@ -22,13 +22,13 @@ from typing import Any
 import numpy as np
 
 from index import duplicates, folder, recovery, search
+from index.database import Database
 from index.duplicates import Added
 from index.errors import (
     ItemNotFound,
     ModelMismatch,
     disk_full_refused,
 )
-from index.folder import Database
 from index.kinds import KindChoice
 from index.locks import ReadWriteLock
 from index.search import Neighbour

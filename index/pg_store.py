@@ -29,8 +29,8 @@ import psycopg
 from psycopg import sql
 from psycopg_pool import ConnectionPool
 
+from index.database import Database
 from index.errors import DatabaseUnavailable, IncompatibleIndex, IndexMissing, InsufficientStorage
-from index.folder import Database
 from index.integrity import check_checksums, check_meta
 from index.sqlite_store import ItemStore
 from index.store import (

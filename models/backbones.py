@@ -11,12 +11,13 @@ from __future__ import annotations
 import importlib.resources
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Annotated
 
 import torch
-from pydantic import ConfigDict, Field, field_validator
+from pydantic import AfterValidator, ConfigDict, Field
 from pydantic.dataclasses import dataclass as checked_dataclass
 from torch import nn
 from torchvision.models import get_model_weights
@@ -34,6 +35,7 @@ INSTALLED_BACKBONE = "efficientnet_lite0"  # ImageNet weights come with the inst
 
 
 FITS = ("crop", "letterbox", "resize")  # Preprocessing.fit
+INTERPOLATIONS = tuple(mode.value for mode in InterpolationMode)  # Preprocessing.interpolation
 # New bundles letterbox: on the quality benchmark it gave +5.6 points of frozen R@1 and, fine-
 # tuned, +3.0 top-1, +3.3 R@1 and +3.4 MAP@R over the centre crop (benchmarks/quality.md).
 DEFAULT_FIT = "letterbox"
@@ -45,6 +47,17 @@ Finite = Annotated[float, Field(allow_inf_nan=False)]
 PositiveFinite = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
 
+def one_of(valid: Sequence[str], what: str) -> AfterValidator:
+    """A field check: the value if it is one of valid, else ValueError listing them."""
+
+    def check(value: str) -> str:
+        if value not in valid:
+            raise ValueError(f"unknown {what} {value!r}; choose one of: {', '.join(valid)}")
+        return value
+
+    return AfterValidator(check)
+
+
 @checked_dataclass(frozen=True, config=STRICT)
 class Preprocessing:
     """How an image becomes the tensor the weights expect (read from the weights' record)."""
@@ -53,26 +66,11 @@ class Preprocessing:
     resize_size: Size
     mean: tuple[Finite, Finite, Finite]
     std: tuple[PositiveFinite, PositiveFinite, PositiveFinite]
-    interpolation: str
+    interpolation: Annotated[str, one_of(INTERPOLATIONS, "interpolation")]
     # How the image is fitted to the square the network sees: a centre crop of the short side
     # (the weights' own recipe), the whole image letterboxed on its background, or the whole
     # image stretched. A bundle saved before this field existed crops.
-    fit: str = "crop"
-
-    @field_validator("fit")
-    @classmethod
-    def _known_fit(cls, value: str) -> str:
-        if value not in FITS:
-            raise ValueError(f"unknown fit {value!r}; choose one of: {', '.join(FITS)}")
-        return value
-
-    @field_validator("interpolation")
-    @classmethod
-    def _known_interpolation(cls, value: str) -> str:
-        known = [mode.value for mode in InterpolationMode]
-        if value not in known:
-            raise ValueError(f"unknown interpolation {value!r}; choose one of: {', '.join(known)}")
-        return value
+    fit: Annotated[str, one_of(FITS, "fit")] = "crop"
 
     def to_dict(self) -> dict:
         """JSON-ready form, stored in the bundle."""

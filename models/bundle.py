@@ -13,7 +13,13 @@ from typing import Annotated, Any
 import numpy as np
 import torch
 from PIL import Image
-from pydantic import Field, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
 from pydantic.dataclasses import dataclass as checked_dataclass
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
@@ -25,10 +31,11 @@ from models.backbones import (
     Size,
     check_backbone,
     imagenet_categories,
+    one_of,
     preprocessing_for,
 )
 from models.config import BATCH_SIZE
-from models.data import ImageDataset, Readable, decode, eval_transform
+from models.data import ImageDataset, Readable
 from models.devices import resolve_device
 from models.errors import BundleError, UnsupportedImage
 from models.files import atomic_write
@@ -42,6 +49,7 @@ from models.network import (
     build_net,
 )
 from models.runtime import Runtime, TorchRuntime, open_runtime
+from models.transforms import decode, eval_transform
 from models.workers import loader
 
 log = logging.getLogger(__name__)
@@ -58,28 +66,16 @@ class BundleConfig:
     """Everything needed to rebuild the network and preprocess its input; checked (types,
     ranges, known keys) when built and when a bundle is loaded."""
 
-    backbone: str
+    backbone: Annotated[str, AfterValidator(check_backbone)]
     classes: Annotated[list[Annotated[str, Field(strict=True)]], Field(min_length=1)]
     preprocessing: Preprocessing
     embed_dim: Size | None = None  # projection size; None keeps the backbone's feature size
-    head: str = "cosine"
+    head: Annotated[str, one_of(HEADS, "head")] = "cosine"
     temperature: PositiveFinite = DEFAULT_TEMPERATURE
     pretrained_classifier: bool = False  # True: torchvision's own ImageNet classifier, untrained
     weights: str = "imagenet"  # what the backbone started from
     threshold: Score | None = None  # below this top-1 score, /classify answers "unknown"
     extra: dict[str, Any] = field(default_factory=dict)
-
-    @field_validator("backbone")
-    @classmethod
-    def _known_backbone(cls, value: str) -> str:
-        return check_backbone(value)
-
-    @field_validator("head")
-    @classmethod
-    def _known_head(cls, value: str) -> str:
-        if value not in HEADS:
-            raise ValueError(f"unknown head {value!r}; choose one of: {', '.join(HEADS)}")
-        return value
 
     @model_validator(mode="after")
     def _unique_classes(self) -> BundleConfig:
@@ -189,7 +185,7 @@ class Bundle:
         return self.runtime.name
 
     def decode(self, source: Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-        """Decode a file or upload the way every stage does (see models.data.decode)."""
+        """Decode a file or upload the way every stage does (see models.transforms.decode)."""
         return decode(source, self.config.preprocessing, max_pixels)
 
     def embed(
@@ -219,7 +215,9 @@ class Bundle:
         embeddings = [np.zeros((0, self.embedding_dim), np.float32)]
         logits = [np.zeros((0, len(self.config.classes)), np.float32)]
         reasons: list[str] = []
-        for x, why in self.batches(inputs, batch_size, workers, skip_unreadable):
+        for x, why in self.batches(
+            inputs, batch_size, workers=workers, skip_unreadable=skip_unreadable
+        ):
             encoded = self.forward(x)
             embeddings.append(encoded.embeddings)
             logits.append(encoded.logits)
@@ -244,6 +242,7 @@ class Bundle:
         self,
         inputs: Input | Sequence[Input],
         batch_size: int = BATCH_SIZE,
+        *,
         workers: int = 0,
         skip_unreadable: bool = False,
     ) -> Iterator[tuple[torch.Tensor, list[str]]]:

@@ -30,8 +30,8 @@ from torchvision.transforms import v2
 
 from models.backbones import get_backbone
 from models.bundle import Bundle
-from models.data import eval_transform, resized
 from models.network import EmbeddingNet
+from models.transforms import eval_transform, resized
 
 
 def gap(width: int) -> int:

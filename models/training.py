@@ -22,10 +22,11 @@ from models.backbones import Preprocessing, preprocessing_for
 from models.bundle import Bundle, BundleConfig
 from models.cluster import Cluster, seed_everything, start_cluster
 from models.config import TrainConfig
-from models.data import ImageDataset, Sample, eval_transform, load_splits, train_transform
+from models.data import ImageDataset, Sample, load_splits
 from models.layout import BundleLayout
 from models.network import EmbeddingNet, build_net
 from models.trainer import Loaders, Trainer
+from models.transforms import eval_transform, train_transform
 from models.workers import loader
 
 log = logging.getLogger(__name__)

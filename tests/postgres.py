@@ -23,7 +23,8 @@ from typing import Any
 
 import pytest
 
-from index.folder import ITEMS_FILE, Database
+from index.database import Database
+from index.folder import ITEMS_FILE
 
 BINARIES = Path("/usr/lib/postgresql/15/bin")  # Debian's postgresql-15
 PORT = 5432  # names the socket file only: the cluster listens on no TCP port

@@ -15,9 +15,9 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from models.bundle import Bundle
-from models.data import eval_transform, resized
 from models.errors import BundleError
 from models.explain import Explainer
+from models.transforms import eval_transform, resized
 
 
 @pytest.fixture

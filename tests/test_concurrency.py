@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from index.folder import Database, existing_store
+from index.database import Database
+from index.folder import existing_store
 from index.gallery import GalleryIndex
 from index.store import NewItem
 from tests.postgres import behind_imgsims_back

@@ -13,17 +13,15 @@ from torchvision.transforms import v2
 
 from models.backbones import Preprocessing, preprocessing_for
 from models.data import (
-    background_of,
     check_images,
-    eval_transform,
     find_images,
     label_of,
     list_class_folders,
     load_splits,
-    resized,
     split_samples,
 )
 from models.errors import DatasetError
+from models.transforms import background_of, eval_transform, resized
 
 
 def make_folder(root: Path, counts: dict[str, int]) -> Path:

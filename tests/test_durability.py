@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from index.folder import Database
+from index.database import Database
 from index.gallery import GalleryIndex
 from models.bundle import Bundle
 from tests.postgres import behind_imgsims_back

@@ -24,8 +24,8 @@ from app.main import create_app
 from app.service import Service
 from app.settings import Settings
 from models.bundle import Bundle
-from models.data import eval_transform, resized
 from models.explain import Explainer, gap
+from models.transforms import eval_transform, resized
 
 SIDE, HALF = 224, 30  # scene size; half the side of the object's patch
 CLASSES = ["ring", "cross"]

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from index.folder import Database, replace_directory
+from index.database import Database
+from index.folder import replace_directory
 from index.follower import ChangeFollower
 from index.gallery import GalleryIndex
 from index.store import BaseItemStore, NewItem

@@ -16,8 +16,8 @@ import pytest
 
 from app.stages import index_folder
 from index import kinds
+from index.database import Database
 from index.errors import DuplicateExternalId, EmptyIndex, IndexMissing, ItemNotFound, ModelMismatch
-from index.folder import Database
 from index.gallery import GalleryIndex
 from index.snapshot import INFO_FILE
 from index.store import BaseItemStore, NewItem

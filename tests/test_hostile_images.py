@@ -26,13 +26,13 @@ from tests.pngstream import write_large_png
 
 EXTRA_RSS_LIMIT_MB = 200
 
-# Decode as every stage does (models.data.decode, then resized) in a fresh process; print the
+# Decode as every stage does (models.transforms.decode, then resized) in a fresh process; print the
 # peak RSS above what the process held before (VmHWM reset through /proc/self/clear_refs).
 MEASURE = """
 import sys
 from pathlib import Path
 from models.backbones import Preprocessing
-from models.data import decode, resized
+from models.transforms import decode, resized
 from models.errors import UnsupportedImage
 pre = Preprocessing(224, 256, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear")
 def peak():

@@ -13,8 +13,8 @@ import pytest
 
 from app.cli import main
 from index import uploads
+from index.database import Database
 from index.errors import DuplicateExternalId, IndexCorrupt, InsufficientStorage
-from index.folder import Database
 from index.gallery import GalleryIndex
 from index.store import NewItem
 from models.files import atomic_write

@@ -1,6 +1,7 @@
 """The page at / in a real browser (Debian's chromium, headless) against `imgsim serve`.
 
-Set IMGSIM_SCREENSHOTS=docs to write the README's screenshots (docs/page.png, docs/page-phone.png).
+Set IMGSIM_SCREENSHOTS=DIR to keep its screenshots there (the documentation's own, of a real model,
+come from python -m benchmarks.screenshots).
 """
 
 from __future__ import annotations

@@ -11,8 +11,8 @@ import psycopg
 import pytest
 
 from index import pg_store
+from index.database import Database
 from index.errors import DatabaseUnavailable, IncompatibleIndex, IndexMissing
-from index.folder import Database
 from index.gallery import GalleryIndex
 from index.store import NewItem
 from tests.postgres import Cluster, behind_imgsims_back

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from app.ray_index import dataset_folder
+from app.embedding_shards import dataset_folder
 from index.sqlite_store import ItemStore
 
 # Runs one imgsim command with small shards and load chunks, so a small folder makes several;
@@ -23,11 +23,12 @@ from index.sqlite_store import ItemStore
 # first chunk is in the collection; a shard written then waits, so the kill lands half way.
 DRIVER = """\
 import os, sys, time
+import app.embedding_shards as embedding_shards
 import app.ray_index as ray_index
 from app.cli import main
-ray_index.SHARD_ROWS = ray_index.LOAD_ROWS = 8
+ray_index.SHARD_ROWS = embedding_shards.LOAD_ROWS = 8
 kill_at = os.environ.get("KILL_AT")
-write, add = ray_index._write_shard, ray_index.GalleryIndex.add
+write, add = ray_index.write_shard, ray_index.GalleryIndex.add
 
 def write_then_wait(*args):
     write(*args)
@@ -41,7 +42,7 @@ def add_then_die(self, *args, **kwargs):
         os.kill(os.getpid(), 9)
     return added
 
-ray_index._write_shard = write_then_wait
+ray_index.write_shard = write_then_wait
 ray_index.GalleryIndex.add = add_then_die
 sys.exit(main(sys.argv[1:]))
 """

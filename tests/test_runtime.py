@@ -20,12 +20,13 @@ from app.cli import main
 from app.main import create_app
 from app.service import load_service
 from app.settings import Settings
-from models import runtime
+from models import export
 from models.bundle import Bundle
 from models.data import find_images
 from models.errors import BundleError
+from models.export import FINGERPRINT_KEY, INT8_RECIPE, RECIPE_KEY
 from models.layout import BundleLayout
-from models.runtime import FINGERPRINT_KEY, INT8_RECIPE, RECIPE_KEY, RUNTIMES, check_runtime
+from models.runtime import RUNTIMES, check_runtime
 from tests.synthetic import noise_png
 
 EMBEDDING_TOLERANCE = 1e-4  # fp32 ONNX against eager PyTorch, on L2-normalised embeddings
@@ -146,11 +147,11 @@ def test_the_pretrained_models_exports_go_to_the_cache_or_else_a_temporary_folde
 ):
     pretrained = SimpleNamespace(directory=None, fingerprint="0123456789abcdef")  # no folder
     monkeypatch.setenv("IMGSIM_CACHE_DIR", str(tmp_path / "cache"))
-    assert runtime.export_folder(pretrained) == tmp_path / "cache" / "exports" / "0123456789abcdef"
+    assert export.export_folder(pretrained) == tmp_path / "cache" / "exports" / "0123456789abcdef"
     blocked = tmp_path / "a-file"  # a cache that cannot be made, even by root
     blocked.write_text("")
     monkeypatch.setenv("IMGSIM_CACHE_DIR", str(blocked))
-    folder = runtime.export_folder(pretrained)
+    folder = export.export_folder(pretrained)
     assert folder.is_dir() and os.access(folder, os.W_OK) and blocked not in folder.parents
     assert "cannot be written: the exports are made in a temporary folder" in caplog.text
 
@@ -234,11 +235,11 @@ def test_int8_with_8_bit_weights_is_made_again_where_they_would_saturate(
     quantised again with 7-bit weights, which every CPU then keeps."""
     path = BundleLayout(bundle_dir).onnx_int8
     for vnni, recipe in ((True, INT8_RECIPE), (False, INT8_RECIPE + "-reduce-range")):
-        monkeypatch.setattr(runtime, "_has_vnni", lambda vnni=vnni: vnni)
+        monkeypatch.setattr(export, "_has_vnni", lambda vnni=vnni: vnni)
         Bundle.load(bundle_dir, "cpu").use_runtime("onnx-int8")
         assert _recorded(path, RECIPE_KEY) == recipe
     made = path.stat().st_mtime_ns
-    monkeypatch.setattr(runtime, "_has_vnni", lambda: True)
+    monkeypatch.setattr(export, "_has_vnni", lambda: True)
     Bundle.load(bundle_dir, "cpu").use_runtime("onnx-int8")
     assert path.stat().st_mtime_ns == made  # 7-bit weights run well with VNNI too: reused
 
