@@ -2,29 +2,21 @@
 
 Route handlers hand their uploads to the one `Batcher` of the app and await their own rows. One of
 its decoding threads reads, decodes and preprocesses an upload (`Bundle.preprocess`) and queues its
-images itself, so the event loop only admits the request and, once, receives its answer. Against
-decoding in an anyio thread and queueing on the loop (efficientnet_lite0 on 2 cores, 3 interleaved
-A/B rounds each): 16 clients 184 against 165 req/s under OpenVINO bf16 and 225 against 204 under
-OpenVINO int8, with 9.8 against 11.1 and 7.9 against 8.9 ms of CPU per request; sequential latency
-the same within the noise. Its worker is a thread of its own that runs nothing but forwards: it
-takes the waiting requests (up to `max_batch` images, waiting at most `max_wait_ms` for more),
-stacks them, runs one forward (`Bundle.forward`) and hands each request its rows back on the event
-loop. It takes the next batch itself as soon as a forward ends, rather than wait for an event loop
-busy with other requests' HTTP to hand it over. Against an event-loop coroutine handing batches to
-an executor (efficientnet_lite0, 3 interleaved A/B rounds each): +3.5 % req/s at 16 clients under
-OpenVINO bf16, +2.8 % under fp32, and at 64 clients under int8 185-200 against 199-203 req/s, so
-about even; the worker no longer depends on the loop's latency. The queue is bounded, and it counts
-an upload from the moment its request is admitted (waiting for a decoding thread, being decoded)
-until it is taken into a forward: a request that would overfill it is refused at once with
-`ServiceBusy` (503 + Retry-After) instead of waiting longer and longer, in the queue or before it.
+images itself, so the event loop only admits the request and, once, receives its answer. Its worker
+is a thread of its own that runs nothing but forwards: it takes the waiting requests (up to
+`max_batch` images, waiting at most `max_wait_ms` for more), stacks them, runs one forward
+(`Bundle.forward`) and hands each request its rows back on the event loop; it takes the next batch
+itself as soon as a forward ends, so it never waits for an event loop busy with other requests'
+HTTP. The queue is bounded, and it counts an upload from the moment its request is admitted until
+it is taken into a forward: a request that would overfill it is refused at once with `ServiceBusy`
+(503 + Retry-After) instead of waiting longer and longer. Throughput and latency under load:
+benchmarks/serve_load.md.
 
 Only the worker's thread runs torch with more than one intra-op thread (`threads`); every other
-thread of the process (the one that loads the model, `load_service`; the event loop's; the
-decoding threads) runs torch on one (`single_threaded_torch`). PyTorch's OpenMP gives each
-thread that runs a parallel op its own team of threads, kept for the thread's life, and once
-libgomp manages more threads than there are cores, every team stops spinning between ops and
-sleeps instead: a second team anywhere in the process, even idle, made each batch-1 forward of
-efficientnet_lite0 on 2 cores 2.4x slower (14.8 -> 35.5 ms, benchmarks/openmp_teams.md).
+thread of the process runs torch on one (`single_threaded_torch`): PyTorch's OpenMP gives each
+thread that runs a parallel op a team of its own, and a second team anywhere in the process, even
+idle, made each batch-1 forward of efficientnet_lite0 on 2 cores 2.4x slower
+(benchmarks/openmp_teams.md).
 """
 
 from __future__ import annotations

@@ -101,16 +101,11 @@ class Settings(BaseSettings):
             return [origin.strip() for origin in value.split(",") if origin.strip()]
         return value
 
-    # Serving under load (see README "Serving under load"; defaults measured in
-    # benchmarks/serve_load.md). One inference worker runs one forward at a time with `threads`
-    # intra-op threads; the requests' decoding and preprocessing run beside it, in at most
-    # `threads` threads at once.
-    # Measured on 2 cores (serve_load.py --unbatched): served with 16 clients, max_batch 4 gave
-    # 4-25 % more req/s than max_batch 1 in every bundle and runtime on an AVX2 EPYC; on a Xeon
-    # with AMX 10-68 %, 11-99 % and, in the last run (all six runtimes, benchmarks/serve_load.md),
-    # 13-87 %; in four runs on an AVX512-BF16 EPYC (all six runtimes) 7-93 %, 13-75 %, 9-66 %
-    # (but for efficientnet_lite0 under onnx, even at -1 %) and 13-58 %. Waiting for a batch
-    # only adds latency, so the worker takes what is queued (wait 0).
+    # Serving under load: one inference worker runs one forward at a time with `threads` intra-op
+    # threads; the requests' decoding runs beside it, in at most `threads` threads at once.
+    # max_batch 4 served more req/s than 1 at 16 clients in every bundle and runtime measured, and
+    # waiting for a fuller batch only adds latency, so the worker takes what is queued (wait 0):
+    # benchmarks/serve_load.md.
     threads: int = Field(
         default_factory=available_cpus,
         gt=0,
