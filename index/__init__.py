@@ -2,6 +2,7 @@
 PostgreSQL), FAISS derived.
 
 - gallery.py     GalleryIndex: open, add, delete, search, snapshot; one lock over the store + FAISS
+- items.py       StoredItems: what the store answers alone (items, hashes, labels, classes)
 - search.py      the k nearest stored items of embeddings, and near-duplicates of new ones
 - store.py       BaseItemStore: items, embeddings and the change log; the queries both stores share
 - sqlite_store.py  ItemStore: the same in SQLite (a collection's items.sqlite, the default)

@@ -1,14 +1,13 @@
 """A gallery: a living collection of normalised embeddings searched by inner product.
 
-The item store (index/store.py: SQLite, or PostgreSQL with a Database) holds the items; a FAISS
-index (index/vectors.py) is derived from it; one folder per collection holds both, or the FAISS
-snapshots beside a database (index/folder.py). A write commits to the store first, then
-updates FAISS, both under the write side of a readers-writer lock, and returns only then: what
-was acknowledged is on disk, and no search sees the store and FAISS disagree. At load the
-snapshot is caught up with the store, or rebuilt from it, loudly (index/recovery.py). The index
-kind is the one asked for, or chosen for the size within an optional memory limit
-(index/kinds.py); `fill` builds a new collection's index once, as the kind for its size, from the
-embeddings in hand.
+The item store (index/store.py: SQLite, or PostgreSQL) holds the items; a FAISS index
+(index/vectors.py) is derived from it; one folder per collection holds both, or the snapshots
+beside a database (index/folder.py). A write commits to the store, then updates FAISS, both under
+the write side of a readers-writer lock, and returns only then: what was acknowledged is stored,
+and no search sees the store and FAISS disagree. At load the snapshot is caught up with the store
+or rebuilt from it, loudly (index/recovery.py); replicas follow each other's writes (`follow`).
+The index kind is the one asked for, or chosen for the size within a memory limit
+(index/kinds.py).
 """
 
 from __future__ import annotations
@@ -29,22 +28,23 @@ from index.errors import (
     ModelMismatch,
     disk_full_refused,
 )
+from index.items import ADDED_CLASSES, StoredItems
 from index.kinds import KindChoice
 from index.locks import ReadWriteLock
 from index.search import Neighbour
 from index.snapshot import Snapshots
 from index.store import BaseItemStore, Item, NewItem
 from index.uploads import KeptImages
-from index.vectors import VectorIndex
+from index.vectors import VectorIndex, rows_of
 
 log = logging.getLogger(__name__)
 
 MAX_INDEX_MEMORY = "max_index_memory"  # the meta key of the collection's memory limit
-ADDED_CLASSES = "added_classes"  # the meta key of the classes added from examples
 
 
-class GalleryIndex:
-    """Items searched by inner product; the item store holds them, FAISS is derived from it."""
+class GalleryIndex(StoredItems):
+    """Items searched by inner product; the item store holds them, FAISS is derived from it.
+    What the store answers alone (items, hashes, labels, added classes) is StoredItems'."""
 
     def __init__(
         self,
@@ -154,14 +154,6 @@ class GalleryIndex:
         if factory != self.vectors.factory:
             self.rebuild()
 
-    def check_model(self, fingerprint: str) -> None:
-        """Raise ModelMismatch unless the index was built with the model of this fingerprint."""
-        if fingerprint != self.fingerprint:
-            raise ModelMismatch(
-                f"the index was built with model {self.fingerprint}, not with the model being "
-                f"served ({fingerprint}); rebuild it with 'imgsim index GALLERY_DIR --model BUNDLE'"
-            )
-
     # -- writes --------------------------------------------------------------------------
 
     def add(
@@ -179,7 +171,7 @@ class GalleryIndex:
         skip_duplicates the item is not added. contents, when given, are the image bytes, kept
         under images/ at each item's path before the commit.
         """
-        embeddings = self._checked(embeddings)
+        embeddings = rows_of(self.dim, embeddings)
         if len(embeddings) != len(items):
             raise ValueError("embeddings and items must have the same length")
         with self._lock.write():
@@ -205,7 +197,7 @@ class GalleryIndex:
     def fill(self, embeddings: np.ndarray, items: Sequence[NewItem]) -> None:
         """Store the first items of an empty collection and build its index from their
         embeddings in one step: of the kind for their number, trained and tuned on them."""
-        embeddings = self._checked(embeddings)
+        embeddings = rows_of(self.dim, embeddings)
         with self._lock.write():
             if self.store.count():
                 raise ValueError("the collection is not empty: add to it instead")
@@ -286,7 +278,7 @@ class GalleryIndex:
     ) -> list[list[Neighbour]]:
         """The k nearest items of each query, best first, optionally only those with a label
         and never the excluded ids."""
-        queries = self._checked(queries.reshape(-1, self.dim) if queries.ndim == 1 else queries)
+        queries = rows_of(self.dim, queries.reshape(-1, self.dim) if queries.ndim == 1 else queries)
         with self._lock.read():
             return self._search(queries, k, label, set(exclude))
 
@@ -303,49 +295,10 @@ class GalleryIndex:
     ) -> list[list[Neighbour]]:
         return search.nearest(self.vectors, self.store, queries, k, label, exclude)
 
-    def get(self, item_id: int) -> Item:
-        """The stored item of that id."""
-        item = self.store.get(item_id)
-        if item is None:
-            raise ItemNotFound(f"there is no image with id {item_id}")
-        return item
-
-    def page(
-        self, label: str | None = None, offset: int = 0, limit: int = 50
-    ) -> tuple[list[Item], int]:
-        """Stored items in the order they were added, a page at a time, optionally only those
-        with a label ('' = without one); and how many match in all."""
-        return self.store.page(label, offset, limit)
-
-    def ids_of_content(self, sha256: str) -> list[int]:
-        """The ids of items whose image has this content hash."""
-        return [int(i) for i in self.store.ids(sha256=sha256)]
-
-    def known_contents(self) -> set[str]:
-        """The content hashes of every item."""
-        return self.store.sha256s()
-
-    def mean_embedding(self) -> np.ndarray:
-        """The mean of every stored embedding (float64; zeros when there are none)."""
-        return self.store.mean_embedding(self.dim)
-
-    def added_classes(self) -> str | None:
-        """The classes added from examples (models/imprint.py's JSON), kept with the collection
-        so that they follow it: a restart, a backup, every process that opens it."""
-        return self.store.meta().get(ADDED_CLASSES)
-
     def keep_added_classes(self, text: str) -> None:
         """Replace the added classes, durably (answered after the commit)."""
         with self._lock.write(), disk_full_refused("the change of classes"):
             self.store.set_meta({ADDED_CLASSES: text})
-
-    def contents_by_path(self) -> dict[str, str | None]:
-        """Each item's path with its content hash."""
-        return self.store.contents_by_path()
-
-    def labels(self) -> dict[str | None, int]:
-        """How many items carry each label."""
-        return self.store.labels()
 
     def info(self) -> dict[str, Any]:
         """Size, index kind, model and change counters, for GET /index."""
@@ -394,11 +347,3 @@ class GalleryIndex:
         database; the object is unusable afterwards."""
         self._snapshots.last(self._applied_seq, self._captured)
         self.store.close()
-
-    def _checked(self, embeddings: np.ndarray) -> np.ndarray:
-        embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
-        if embeddings.ndim != 2 or embeddings.shape[1] != self.dim:
-            raise ValueError(
-                f"expected embeddings of shape (n, {self.dim}), got {embeddings.shape}"
-            )
-        return embeddings

@@ -19,6 +19,14 @@ from index import kinds
 log = logging.getLogger(__name__)
 
 
+def rows_of(dim: int, embeddings: np.ndarray) -> np.ndarray:
+    """Embeddings as a contiguous float32 (n, dim) matrix; ValueError for another shape."""
+    embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
+    if embeddings.ndim != 2 or embeddings.shape[1] != dim:
+        raise ValueError(f"expected embeddings of shape (n, {dim}), got {embeddings.shape}")
+    return embeddings
+
+
 class VectorIndex:
     """A FAISS index with its factory string, tuned search parameters and hidden ids."""
 

@@ -1,8 +1,10 @@
-"""Start `imgsim serve` in a child process on a free loopback port, as a user would."""
+"""Start `imgsim serve` in a child process on a free loopback port, as a user would; run a
+command to its end under a timeout."""
 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -13,6 +15,7 @@ from pathlib import Path
 from typing import IO
 
 import httpx
+import pytest
 
 
 def free_port() -> int:
@@ -61,3 +64,35 @@ def answering(process: subprocess.Popen, base: str, name: str, log: IO[str]) -> 
             time.sleep(0.2)
     process.kill()
     raise AssertionError(f"{name} did not answer /health within 120 s")
+
+
+def finished(
+    command: Sequence[str], timeout: float, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Run a command in a session of its own, its output captured; one that runs past timeout
+    seconds fails the test with its stderr. Whatever it started (workers, Ray's processes) is
+    killed with it, so that nothing outlives the test."""
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        start_new_session=True,
+    ) as process:  # fmt: skip
+        try:
+            out, err = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            _, err = process.communicate()
+            pytest.fail(f"{' '.join(command[3:])} did not finish in {timeout} s:\n{err}")
+        finally:
+            _kill_group(process.pid)
+    return subprocess.CompletedProcess(command, process.returncode, out, err)
+
+
+def _kill_group(group: int) -> None:
+    """A killed command's children may outlive it for a moment (Ray's): kill them too."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(group, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)

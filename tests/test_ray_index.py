@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ import pytest
 
 from app.embedding_shards import dataset_folder
 from index.sqlite_store import ItemStore
+from tests.servers import finished
 
 # Runs one imgsim command with small shards and load chunks, so a small folder makes several;
 # KILL_AT: "embedding" dies (SIGKILL) once the first shard is written, "loading" once the
@@ -50,33 +50,9 @@ TIMEOUT = 300  # seconds for one command, Ray's start included
 
 
 def _imgsim(argv: list[str], kill_at: str | None = None) -> subprocess.CompletedProcess:
-    """One imgsim command in its own session (its Ray workers killed with it on a hang)."""
+    """One imgsim command in its own session (its Ray workers killed with it)."""
     env = {**os.environ, "KILL_AT": kill_at or ""}
-    command = [sys.executable, "-c", DRIVER, *argv]
-    with subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-        start_new_session=True,
-    ) as process:  # fmt: skip
-        try:
-            out, err = process.communicate(timeout=TIMEOUT)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            _, err = process.communicate()
-            pytest.fail(f"imgsim {' '.join(argv)} did not finish in {TIMEOUT} s:\n{err}")
-        finally:
-            _kill_leftovers(process.pid)
-    return subprocess.CompletedProcess(command, process.returncode, out, err)
-
-
-def _kill_leftovers(group: int) -> None:
-    """Ray's processes outlive a killed driver for a moment; they must not outlive the test."""
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(group, signal.SIGKILL)
-        except ProcessLookupError:
-            return
-        time.sleep(0.2)
+    return finished([sys.executable, "-c", DRIVER, *argv], TIMEOUT, env)
 
 
 def _collection(index_dir: Path) -> dict[str, tuple[str | None, str | None, np.ndarray]]:

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +17,7 @@ from index.gallery import GalleryIndex
 from models.config import WORKERS
 from models.images import IN_MEMORY_PIXELS
 from models.workers import loader
+from tests.servers import finished
 
 # A driver that decodes a large image with libvips in the parent (its thread pool then runs
 # there, as after train's image check) and only then runs one imgsim command.
@@ -52,18 +51,9 @@ def _scans(root: Path) -> Path:
 def _imgsim(primer: Path, argv: list[str], timeout: int) -> subprocess.CompletedProcess:
     """Run one command after libvips has run in its process; a hang fails with the log, and
     the command and its workers are killed."""
-    command = [sys.executable, "-c", DRIVER, str(primer), *argv]
-    with subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    ) as process:
-        try:
-            out, err = process.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            _, err = process.communicate()
-            pytest.fail(f"imgsim {argv[0]} did not finish in {timeout} s (a worker hung?):\n{err}")
-    assert process.returncode == 0, err
-    return subprocess.CompletedProcess(command, process.returncode, out, err)
+    done = finished([sys.executable, "-c", DRIVER, str(primer), *argv], timeout)
+    assert done.returncode == 0, done.stderr
+    return done
 
 
 @pytest.mark.slow
