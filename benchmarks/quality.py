@@ -13,8 +13,10 @@ standard deviation over the seeds. Each (row, seed) result is kept in benchmarks
 so a later run adds rows or seeds without training the others again (--again to redo them).
 
     python -m benchmarks.quality [--rows NAME ...] [--seeds 0 1 2] [--work DIR] [--again]
+                                 [--device cuda --results benchmarks/quality_cuda.json]
 
-Writes benchmarks/quality.md from every result in benchmarks/quality.json.
+Writes benchmarks/quality.md from every result in benchmarks/quality.json (and the levers'
+table in transfer_tuning.md); another --results file gets its own .md beside it, levers and all.
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ BACKBONE = "efficientnet_lite0"
 # The defaults chosen on this benchmark; later rows change one lever from them. Every row
 # names each lever it sets, so its kept results stay true when a default changes.
 DEFAULTS = {"fit": "letterbox", "metric_loss": "multi-similarity"}
-# name: (kind, TrainConfig overrides); a "frozen" row takes only the fit override.
+# name: (kind, TrainConfig overrides); a "frozen" row takes only the fit and backbone
+# overrides. "mirror" is the bundle's test-time mirror averaging, set after training.
 ROWS: dict[str, tuple[str, dict]] = {
     "frozen": ("frozen", {"fit": "crop"}),
     "probe": ("probe", {"fit": "crop"}),
@@ -64,6 +67,12 @@ ROWS: dict[str, tuple[str, dict]] = {
     "defaults, 288 px": ("fine-tune", {**DEFAULTS, "image_size": 288}),
     "defaults, no augmentation": ("fine-tune", {**DEFAULTS, "augment": False}),
     "defaults, embedding 512": ("fine-tune", {**DEFAULTS, "embed_dim": 512}),
+    "frozen, letterbox, mirror": ("frozen", {"fit": "letterbox", "mirror": True}),
+    "defaults, mirror": ("fine-tune", {**DEFAULTS, "mirror": True}),
+    "defaults, proxy-anchor": ("fine-tune", {**DEFAULTS, "metric_loss": "proxy-anchor"}),
+    "defaults, top half of the trunk moves": ("fine-tune", {**DEFAULTS, "trunk_share": 0.5}),
+    "defaults, efficientnet_lite1": ("fine-tune", {**DEFAULTS, "backbone": "efficientnet_lite1"}),
+    "defaults, efficientnet_lite2": ("fine-tune", {**DEFAULTS, "backbone": "efficientnet_lite2"}),
 }
 METRICS = ("top1", "recall@1", "map@r", "knn_top1", "answered", "precision")
 
@@ -74,23 +83,30 @@ def categories(stamps: Path) -> list[str]:
     return [p.name for p in folders if len(find_images(p)) >= MIN_IMAGES]
 
 
-def run_row(name: str, seed: int, data: Path, test: Path, work: Path) -> dict:
+def run_row(name: str, seed: int, data: Path, test: Path, work: Path, device: str) -> dict:
     """Train (or not) and evaluate one row on one seed's split: its metrics and timing."""
     kind, overrides = ROWS[name]
+    overrides = dict(overrides)
+    mirror = overrides.pop("mirror", False)
     out = work / f"{name.replace(' ', '_').replace(',', '')}-{seed}"
     started = time.perf_counter()
     if kind == "frozen":
-        bundle = Bundle.pretrained(BACKBONE, "imagenet", "cpu")
+        bundle = Bundle.pretrained(overrides.get("backbone", BACKBONE), "imagenet", device)
         pre = replace(bundle.config.preprocessing, fit=overrides.get("fit", "crop"))
         bundle.config = replace(bundle.config, preprocessing=pre)
         bundle.save(out)
     else:
-        config = replace(TrainConfig(backbone=BACKBONE, device="cpu", seed=seed), **overrides)
+        config = replace(TrainConfig(backbone=BACKBONE, device=device, seed=seed), **overrides)
         train(data, out, replace(config, epochs=0) if kind == "probe" else config)
     train_s = time.perf_counter() - started
-    bundle = Bundle.load(out, "cpu")
+    if mirror:
+        bundle = Bundle.load(out, device)
+        pre = replace(bundle.config.preprocessing, mirror=True)
+        bundle.config = replace(bundle.config, preprocessing=pre)
+        bundle.save(out)
+    bundle = Bundle.load(out, device)
     index_folder(data, bundle, BundleLayout(out).index)
-    report = evaluate_folder(test, out, device="cpu")
+    report = evaluate_folder(test, out, device=device)
     retrieval = report["retrieval"]
     return {
         "top1": None if kind == "frozen" else report["top1"],
@@ -102,7 +118,25 @@ def run_row(name: str, seed: int, data: Path, test: Path, work: Path) -> dict:
         "answered": None if kind == "frozen" else report["bundle_threshold"]["coverage"],
         "precision": None if kind == "frozen" else report["bundle_threshold"]["precision"],
         "train_s": train_s,
+        "machine": machine(device),
     }
+
+
+def _how(kept: Path, machines: set[str]) -> str:
+    """The options that made another results file."""
+    if kept == RESULTS:
+        return ""
+    gpu = any(not m.startswith("CPU only") for m in machines)
+    return f"{' --device cuda' if gpu else ''} --results benchmarks/{kept.name}"
+
+
+def machine(device: str) -> str:
+    """Where a result was measured: the GPU, or the CPU's cores and model."""
+    if device.startswith("cuda"):
+        import torch
+
+        return f"{torch.cuda.get_device_name()}, {os.cpu_count()} CPU cores"
+    return f"CPU only, {os.cpu_count()} cores, {cpu_model()}"
 
 
 def main() -> None:
@@ -112,11 +146,13 @@ def main() -> None:
     parser.add_argument("--rows", nargs="*", choices=ROWS, default=list(ROWS))
     parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
     parser.add_argument("--again", action="store_true", help="redo results already kept")
+    parser.add_argument("--device", default="cpu", help="train and embed here (cpu, cuda)")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="the results kept")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("pyvips").setLevel(logging.WARNING)
     preload_in_workers("app.stages", "models.training")  # what this module imports, as the CLI
-    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    results = json.loads(args.results.read_text()) if args.results.is_file() else {}
     classes = categories(args.stamps)
     for seed in args.seeds:
         todo = [r for r in args.rows if args.again or f"{seed}" not in results.get(r, {})]
@@ -124,9 +160,10 @@ def main() -> None:
             continue
         data, test = copy_split(args.stamps, args.work / f"data-{seed}", TEST_SHARE, seed, classes)
         for name in todo:
-            results.setdefault(name, {})[f"{seed}"] = run_row(name, seed, data, test, args.work)
-            RESULTS.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
-    write_table(results, classes, args.stamps)
+            row = run_row(name, seed, data, test, args.work, args.device)
+            results.setdefault(name, {})[f"{seed}"] = row
+            args.results.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+    write_table(results, classes, args.stamps, args.results)
 
 
 def _cell(values: list[float | None]) -> str:
@@ -138,14 +175,19 @@ def _cell(values: list[float | None]) -> str:
     return f"{statistics.mean(kept):.1f} ± {spread:.1f}"
 
 
-def write_table(results: dict, classes: list[str], stamps: Path) -> None:
-    """benchmarks/quality.md from every kept result."""
+def write_table(results: dict, classes: list[str], stamps: Path, kept: Path = RESULTS) -> None:
+    """benchmarks/quality.md from every kept result (another results file: its own .md, with
+    the levers' table in it rather than in transfer_tuning.md)."""
     counts = {name: len(find_images(stamps / name)) for name in classes}
     defaults = TrainConfig()
+    machines = {
+        run.get("machine", machine("cpu")) for row in results.values() for run in row.values()
+    }
     lines = [
         "# Quality benchmark (all Tux Paint categories, split by drawing)",
         "",
-        "`python -m benchmarks.quality [--rows NAME ...]` (results kept in `quality.json`)",
+        f"`python -m benchmarks.quality [--rows NAME ...]{_how(kept, machines)}` (results kept in "
+        f"`{kept.name}`)",
         "",
         f"- {len(classes)} classes, {sum(counts.values())} stamps: "
         + ", ".join(f"{name} {count}" for name, count in counts.items())
@@ -158,7 +200,14 @@ def write_table(results: dict, classes: list[str], stamps: Path) -> None:
         "top-1: the classifier; kNN top-1: a similarity-weighted 5-NN vote; answered and "
         "precision: the share of test images the classifier answers at the bundle's 'unknown' "
         "threshold, and the top-1 of those.",
-        f"- CPU only, {os.cpu_count()} cores, {cpu_model()}.",
+        f"- {'; '.join(sorted(machines))}."
+        + (
+            ""
+            if all(m.startswith("CPU only") for m in machines)
+            else " On CUDA, training runs with AMP (fp16), as the product does there; the seeds"
+            " ran as three processes at once (`--seeds N` each, results merged), so train s is"
+            " with the GPU shared."
+        ),
         "",
         "| row | overrides | n | top-1 | R@1 | MAP@R | kNN top-1 | answered | precision "
         "| train s |",
@@ -172,9 +221,13 @@ def write_table(results: dict, classes: list[str], stamps: Path) -> None:
         cells = [_cell([run.get(m) for run in runs]) for m in METRICS]
         train_s = statistics.mean(run["train_s"] for run in runs)
         lines.append(f"| {name} | {shown} | {len(runs)} | {' | '.join(cells)} | {train_s:.0f} |")
-    (HERE / "quality.md").write_text("\n".join(lines) + "\n")
+    if kept == RESULTS:
+        (HERE / "quality.md").write_text("\n".join(lines) + "\n")
+        write_section(LEVERS, [*levers(results), *_on_the_gpu(results)])
+    else:
+        lines += ["", "## Each lever against the defaults", "", *levers(results)]
+        kept.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    write_section(LEVERS, levers(results))
 
 
 BASELINE = "letterbox, multi-similarity (defaults)"
@@ -205,6 +258,21 @@ def levers(results: dict) -> list[str]:
             f"| {', '.join(said) or ('-' if name == BASELINE else 'within the spread')} |"
         )
     return lines
+
+
+def _on_the_gpu(results: dict) -> list[str]:
+    """A pointer to the levers measured on a GPU only (quality_cuda.json), if any."""
+    path = HERE / "quality_cuda.json"
+    elsewhere = (
+        [n for n in json.loads(path.read_text()) if n not in results] if path.is_file() else []
+    )
+    if not elsewhere:
+        return []
+    return [
+        "",
+        f"Measured on a GPU only, with the defaults beside them (`{path.with_suffix('.md').name}`,"
+        f" `--device cuda --results benchmarks/{path.name}`): {'; '.join(elsewhere)}.",
+    ]
 
 
 def _verdict(runs: list[dict], base: list[dict]) -> list[str]:

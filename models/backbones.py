@@ -71,6 +71,9 @@ class Preprocessing:
     # (the weights' own recipe), the whole image letterboxed on its background, or the whole
     # image stretched. A bundle saved before this field existed crops.
     fit: Annotated[str, one_of(FITS, "fit")] = "crop"
+    # Embed each image as the mean of it and its mirror image (EmbeddingNet.mirror); off in a
+    # bundle saved before this field existed.
+    mirror: bool = False
 
     def to_dict(self) -> dict:
         """JSON-ready form, stored in the bundle."""

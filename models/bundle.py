@@ -116,6 +116,7 @@ class Bundle:
         self.config = config
         self.device = resolve_device(device)
         self.net = net.to(self.device).eval()
+        self.net.mirror = config.preprocessing.mirror
         self.fingerprint = fingerprint_of(self.net.state_dict())
         self.directory: Path | None = None  # the folder it was loaded from, if any
         self.runtime: Runtime = TorchRuntime(self.net, self.device)

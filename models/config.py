@@ -113,6 +113,12 @@ class TrainConfig:
         "update BatchNorm statistics while fine-tuning (default: kept as pretrained)",
         flag="--train-bn",
     )
+    trunk_share: float = knob(
+        1.0,
+        "the share of the trunk's layers, counted from its output end, that fine-tuning "
+        "updates; the others keep their ImageNet weights",
+        "fraction",
+    )
     cache_decoded: bool = knob(
         True,
         "decode images every epoch instead of once per run into BUNDLE/.decoded-*",

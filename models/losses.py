@@ -12,21 +12,29 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-METRIC_LOSSES = ("none", "multi-similarity")
+METRIC_LOSSES = ("none", "multi-similarity", "proxy-anchor")
 
 MetricLoss = Callable[[Tensor, Tensor], Tensor]  # (embeddings (N, D), labels (N,)) -> loss
 
 
-def metric_loss(name: str) -> MetricLoss | None:
-    """The named loss on (embeddings, labels), or None for "none"."""
+def metric_loss(name: str, class_rows: nn.Parameter) -> MetricLoss | None:
+    """The named loss on (embeddings, labels), or None for "none". class_rows (C, D) are the
+    classifier's weights: Proxy-Anchor's proxies."""
     if name == "none":
         return None
-    if name != "multi-similarity":
+    if name not in METRIC_LOSSES:
         raise ValueError(f"unknown metric loss {name!r}; choose one of: {', '.join(METRIC_LOSSES)}")
     from pytorch_metric_learning import losses, miners
 
+    if name == "proxy-anchor":
+        # Proxy-Anchor (Kim et al., CVPR 2020) pulls each batch's images to their class's proxy
+        # and pushes them from the others'. Its proxies are the cosine classifier's rows, so
+        # there is one set of class vectors, trained by both losses and saved as before.
+        proxy_anchor = losses.ProxyAnchorLoss(*class_rows.shape)
+        proxy_anchor.proxies = class_rows
+        return lambda embeddings, labels: proxy_anchor(embeddings.float(), labels)
     loss, miner = losses.MultiSimilarityLoss(), miners.MultiSimilarityMiner()
 
     def multi_similarity(embeddings: Tensor, labels: Tensor) -> Tensor:

@@ -74,11 +74,19 @@ class EmbeddingNet(nn.Module):
         self.trunk = trunk
         self.head = head
         self.classifier = classifier
+        # Test-time mirror averaging: outside training, each image's features are the mean of
+        # its own and its mirror image's (one forward of both), so a drawing and its mirror
+        # embed alike. Set from the bundle's preprocessing; no weight changes.
+        self.mirror = False
 
     def forward(self, x: Tensor) -> NetOutput:
         """Embed and classify a batch of normalised images."""
-        feature_map, aux = self.trunk(x)
-        features = self.head(feature_map)
+        if self.mirror and not self.training:
+            feature_map, aux = self.trunk(torch.cat([x, x.flip(-1)]))
+            features = self.head(feature_map).unflatten(0, (2, -1)).mean(0)
+        else:
+            feature_map, aux = self.trunk(x)
+            features = self.head(feature_map)
         return NetOutput(F.normalize(features, dim=1), self.classifier(features), aux)
 
 

@@ -69,7 +69,7 @@ class Trainer:
                 else 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm_steps) / total_finetune)))
             ),
         )
-        self.metric_loss = metric_loss(config.metric_loss)
+        self.metric_loss = metric_loss(config.metric_loss, net.classifier.weight)
         self.amp = config.amp and self.device.startswith("cuda")
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.history: list[dict] = []
@@ -137,8 +137,10 @@ class Trainer:
         """One pass over the training set; the trunk is frozen (and in eval mode) in warm-up."""
         frozen = phase == "warmup"
         self.net.train()
-        for param in self.net.trunk.parameters():
-            param.requires_grad_(not frozen)
+        trunk = list(self.net.trunk.parameters())  # in order from the input
+        kept = len(trunk) - round(self.config.trunk_share * len(trunk))
+        for i, param in enumerate(trunk):
+            param.requires_grad_(not frozen and i >= kept)
         if frozen:
             self.net.trunk.eval()
         elif self.config.freeze_bn:

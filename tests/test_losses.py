@@ -15,20 +15,31 @@ from models.training import train
 from tests.test_training_extras import TINY, _two_classes
 
 
-def test_multi_similarity_prefers_embeddings_grouped_by_class() -> None:
-    loss = metric_loss("multi-similarity")
-    assert loss is not None and metric_loss("none") is None
+@pytest.mark.parametrize("name", ["multi-similarity", "proxy-anchor"])
+def test_the_loss_prefers_embeddings_grouped_by_class(name: str) -> None:
     torch.manual_seed(0)
     labels = torch.arange(4).repeat_interleave(4)  # 4 classes of 4
     centres = F.normalize(torch.randn(4, 16), dim=1)
+    loss = metric_loss(name, torch.nn.Parameter(centres.clone()))
+    assert loss is not None and metric_loss("none", torch.nn.Parameter(centres)) is None
     grouped = F.normalize(centres[labels] + 0.05 * torch.randn(16, 16), dim=1)
     scattered = F.normalize(torch.randn(16, 16), dim=1)
     assert loss(grouped, labels) < 0.5 * loss(scattered, labels)
 
 
+def test_proxy_anchor_trains_the_classifier_rows() -> None:
+    """Its proxies are the classifier's weights: its gradient reaches them, and no other
+    parameter is made (the optimiser and the bundle stay as they were)."""
+    rows = torch.nn.Parameter(torch.randn(3, 8))
+    loss = metric_loss("proxy-anchor", rows)
+    assert loss is not None
+    loss(F.normalize(torch.randn(6, 8), dim=1), torch.tensor([0, 0, 1, 1, 2, 2])).backward()
+    assert rows.grad is not None and rows.grad.abs().sum() > 0
+
+
 def test_an_unknown_metric_loss_is_named() -> None:
     with pytest.raises(ValueError, match="unknown metric loss 'triplet'; choose one of: none"):
-        metric_loss("triplet")
+        metric_loss("triplet", torch.nn.Parameter(torch.zeros(2, 4)))
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ import gc
 import os
 import shutil
 import threading
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from PIL import Image, ImageOps
 from pydantic import ValidationError
 
 from app.cli import main
@@ -325,3 +327,24 @@ def test_eval_measures_the_runtime_asked_for(bundle_dir: Path, shapes_dir: Path,
     assert BundleLayout(bundle_dir).onnx.is_file()
     assert reports["onnx"]["top1"] == reports["torch"]["top1"]
     assert reports["onnx"]["retrieval"] == pytest.approx(reports["torch"]["retrieval"])
+
+
+@pytest.mark.parametrize("runtime", ["torch", "onnx", "openvino"])
+def test_a_mirrored_bundle_embeds_an_image_and_its_mirror_alike(
+    bundle_dir: Path, shapes_dir: Path, runtime: str
+):
+    """With the preprocessing's mirror set, every runtime embeds an image as the mean of it and
+    its mirror image: the image and its mirror get one embedding, as in eager PyTorch."""
+    plain = Bundle.load(bundle_dir, "cpu")
+    config = plain.config
+    plain.config = replace(config, preprocessing=replace(config.preprocessing, mirror=True))
+    plain.save(bundle_dir)
+    mirrored = Bundle.load(bundle_dir, "cpu")
+    assert mirrored.use_runtime(runtime) == runtime
+    square = Image.open(find_images(shapes_dir)[0]).convert("RGB").resize((224, 224))
+    both = mirrored.embed([square, ImageOps.mirror(square)])
+    np.testing.assert_allclose(both[0], both[1], atol=EMBEDDING_TOLERANCE)
+    eager = Bundle.load(bundle_dir, "cpu").embed([square])
+    np.testing.assert_allclose(both[:1], eager, atol=EMBEDDING_TOLERANCE)
+    unmirrored = Bundle(config, plain.net, "cpu").embed([square, ImageOps.mirror(square)])
+    assert np.abs(unmirrored[0] - unmirrored[1]).max() > 10 * EMBEDDING_TOLERANCE

@@ -173,3 +173,23 @@ def test_classify_answers_unknown_below_the_threshold() -> None:
         override = _post(client, f"&threshold={score - 1e-3}")
         assert override["label"] == top["label"] and override["unknown"] is False
         assert client.post("/classify?threshold=1.5", files={"file": b"x"}).status_code == 422
+
+
+def test_trunk_share_keeps_the_layers_nearest_the_input(tmp_path: Path) -> None:
+    """--trunk-share 0.5: fine-tuning moves the half of the trunk nearest the output; the half
+    nearest the input keeps the weights it started from."""
+    data = _two_classes(tmp_path / "a")
+    first = train(data, tmp_path / "first", replace(TINY, epochs=1))
+    config = replace(
+        TINY,
+        epochs=1,
+        warmup_epochs=0,
+        probe=False,
+        trunk_share=0.5,
+        init_from=str(tmp_path / "first"),
+    )
+    second = train(data, tmp_path / "second", config)
+    before, after = list(first.net.trunk.parameters()), list(second.net.trunk.parameters())
+    kept = len(before) - round(0.5 * len(before))  # as the trainer counts
+    assert all(torch.equal(a, b) for a, b in zip(before[:kept], after[:kept], strict=True))
+    assert not any(torch.equal(a, b) for a, b in zip(before[kept:], after[kept:], strict=True))
