@@ -149,6 +149,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="train and embed here (cpu, cuda)")
     parser.add_argument("--results", type=Path, default=RESULTS, help="the results kept")
     args = parser.parse_args()
+    args.results = args.results.resolve()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("pyvips").setLevel(logging.WARNING)
     preload_in_workers("app.stages", "models.training")  # what this module imports, as the CLI
