@@ -113,14 +113,31 @@ class Bundle:
     """A trained (or pretrained) embedding network with its classes and preprocessing."""
 
     def __init__(self, config: BundleConfig, net: EmbeddingNet, device: str = "auto"):
-        self.config = config
         self.device = resolve_device(device)
         self.net = net.to(self.device).eval()
-        self.net.mirror = config.preprocessing.mirror
-        self.fingerprint = fingerprint_of(self.net.state_dict())
+        self.config = config
+        self._weights = fingerprint_of(self.net.state_dict())
         self.directory: Path | None = None  # the folder it was loaded from, if any
         self.runtime: Runtime = TorchRuntime(self.net, self.device)
         self._transform = eval_transform(config.preprocessing)
+
+    @property
+    def config(self) -> BundleConfig:
+        return self._config
+
+    @config.setter
+    def config(self, config: BundleConfig) -> None:
+        self._config = config
+        self.net.mirror = config.preprocessing.mirror
+
+    @property
+    def fingerprint(self) -> str:
+        """What the embeddings are a function of: the weights, and mirror averaging when on
+        (it changes every embedding, so an index or an export made without it is another
+        model's). Without it, the weights' fingerprint as bundles have always had."""
+        if not self.config.preprocessing.mirror:
+            return self._weights
+        return hashlib.sha256(f"{self._weights}|mirror".encode()).hexdigest()[:16]
 
     @property
     def embedding_dim(self) -> int:
