@@ -107,7 +107,8 @@ def run_seed(seed: int, stamps: Path, work: Path, reuse: Path | None) -> dict:
         rows = np.stack([c.weight for c in added])
         sample, labels = train_emb[voters], train_labels[voters]
         shifts = _shifts(trained_rows, rows, sample, labels, base.trained)
-        fitted = _fitted(trained_rows, rows, sample, labels, [*base.trained, *HELD_OUT], base)
+        names = [*base.trained, *HELD_OUT]
+        fitted = _fitted(trained_rows, rows, sample, labels, names, base.temperature)
         for method, (kept, shift) in {"shifted": (rows, shifts), "fitted": (fitted, 0.0)}.items():
             scores = np.concatenate(
                 [test_logits, (test_emb @ kept.T + shift) / base.temperature], axis=1
@@ -161,7 +162,7 @@ def _fitted(
     sample: np.ndarray,
     labels: np.ndarray,
     names: list[str],
-    base: Classifier,
+    temperature: float,
 ) -> np.ndarray:
     """The new rows fitted on the collection (its images and the examples): class-balanced
     cross-entropy over every class, the trained rows fixed, from the imprinted rows and held
@@ -176,7 +177,7 @@ def _fitted(
     weight = len(y) / (len(names) * torch.bincount(y, minlength=len(names)).clamp(min=1))
     optimizer = torch.optim.Adam([moving], lr=0.05)
     for _ in range(FIT_STEPS):
-        logits = torch.cat([x @ fixed.T, x @ F.normalize(moving, dim=1).T], 1) / base.temperature
+        logits = torch.cat([x @ fixed.T, x @ F.normalize(moving, dim=1).T], 1) / temperature
         loss = F.cross_entropy(logits, y, weight=weight.float())
         loss = loss + FIT_ANCHOR * ((moving - start) ** 2).sum()
         optimizer.zero_grad()

@@ -99,12 +99,11 @@ def run_row(name: str, seed: int, data: Path, test: Path, work: Path, device: st
         config = replace(TrainConfig(backbone=BACKBONE, device=device, seed=seed), **overrides)
         train(data, out, replace(config, epochs=0) if kind == "probe" else config)
     train_s = time.perf_counter() - started
-    if mirror:
-        bundle = Bundle.load(out, device)
+    bundle = Bundle.load(out, device)
+    if mirror:  # the bundle's config turns it on in its network and fingerprint alike
         pre = replace(bundle.config.preprocessing, mirror=True)
         bundle.config = replace(bundle.config, preprocessing=pre)
         bundle.save(out)
-    bundle = Bundle.load(out, device)
     index_folder(data, bundle, BundleLayout(out).index)
     report = evaluate_folder(test, out, device=device)
     retrieval = report["retrieval"]
