@@ -18,7 +18,7 @@ TRAINING = (
     "epochs", "warmup_epochs", "batch_size", "lr", "backbone_lr_factor", "weight_decay",
     "embed_dim", "head", "temperature", "val_fraction", "workers", "image_size", "fit",
     "target_precision", "augment", "probe", "probe_steps", "probe_lr", "freeze_bn",
-    "cache_decoded", "amp", "metric_loss", "metric_weight", "trunk_share",
+    "cache_decoded", "amp", "metric_loss", "metric_weight", "trunk_share", "margin",
 )  # fmt: skip
 _FIELDS: dict[str, Field] = {f.name: f for f in fields(TrainConfig)}
 

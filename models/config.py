@@ -81,6 +81,11 @@ class TrainConfig:
         choices=METRIC_LOSSES,
     )
     metric_weight: float = knob(1.0, "the metric-learning loss's weight beside cross-entropy")
+    # CosFace (Wang et al., CVPR 2018): in training, the true class's cosine counts this much
+    # less, so each class gathers closer to its row than the softmax alone asks.
+    margin: float = knob(
+        0.0, "additive cosine margin on the true class while training (cosine head only)"
+    )
     fit: str = knob(
         DEFAULT_FIT,
         "how an image is fitted to the network's square, in training and wherever the bundle "

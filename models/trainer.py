@@ -160,7 +160,7 @@ class Trainer:
             x, y = self._to_device(x, y)
             with torch.autocast("cuda", dtype=torch.float16, enabled=self.amp):
                 out = model(x)
-                loss = F.cross_entropy(out.logits, y)
+                loss = F.cross_entropy(self._with_margin(out.logits, y), y)
                 for aux in out.aux_logits:
                     loss = loss + self.config.aux_weight * F.cross_entropy(aux, y)
                 if self.metric_loss is not None:
@@ -176,6 +176,14 @@ class Trainer:
         total, count = self.cluster.sum(total, count)
         return round(total / max(count, 1), 4)
 
+    def _with_margin(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The cosine head's logits with --margin taken off each true class's cosine (CosFace);
+        as they are for a linear head or no margin."""
+        temperature = getattr(self.net.classifier, "temperature", None)
+        if not self.config.margin or temperature is None:
+            return logits
+        return logits - F.one_hot(labels, logits.shape[1]) * (self.config.margin / temperature)
+
     def probe(self) -> float:
         """The LP of LP-FT: fit the head and classifier on the frozen trunk's pooled features of
         the training images (full batch, AdamW); returns the final training loss."""
@@ -188,7 +196,8 @@ class Trainer:
         for part in parts:
             part.train()
         for _ in range(self.config.probe_steps):
-            loss = F.cross_entropy(self.net.classifier(self.net.head.projection(features)), labels)
+            logits = self.net.classifier(self.net.head.projection(features))
+            loss = F.cross_entropy(self._with_margin(logits, labels), labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

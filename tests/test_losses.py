@@ -53,3 +53,21 @@ def test_training_adds_the_metric_loss(tmp_path: Path) -> None:
         history = json.loads((tmp_path / name / "metrics.json").read_text())
         losses[name] = history[-1]["train_loss"]
     assert losses["multi-similarity"] > losses["none"]
+
+
+@pytest.mark.slow
+def test_a_margin_pulls_each_class_closer_to_its_row(tmp_path: Path) -> None:
+    """--margin (CosFace): the same probe with the true class's cosine handicapped ends with the
+    training images further ahead of the other class on their own row."""
+    data = _two_classes(tmp_path)
+    gaps = {}
+    for margin in (0.0, 0.3):
+        config = replace(TINY, epochs=0, embed_dim=8, margin=margin)
+        bundle = train(data, tmp_path / f"m{margin}", config)
+        encoded = bundle.encode(sorted(data.rglob("*.png")))
+        rows = F.normalize(bundle.net.classifier.weight.detach(), dim=1).numpy()
+        cosines = encoded.embeddings @ rows.T
+        own = [bundle.config.classes.index(p.parent.name) for p in sorted(data.rglob("*.png"))]
+        ahead = [c[k] - c[1 - k] for c, k in zip(cosines, own, strict=True)]
+        gaps[margin] = sum(ahead) / len(ahead)
+    assert gaps[0.3] > gaps[0.0] + 0.2
