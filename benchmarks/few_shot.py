@@ -13,8 +13,12 @@ trained with every class (the quality benchmark's defaults row: reused from --re
 bundle is there, else trained here).
 
     python -m benchmarks.few_shot [--seeds 0 1 2] [--reuse /tmp/imgsim-quality]
+                                  [--row "defaults, margin 0.1"] [--device cuda]
+                                  [--results benchmarks/few_shot_cuda.json]
 
-Writes benchmarks/few_shot.md (results kept in benchmarks/few_shot.json).
+--row trains with another of the quality benchmark's rows than its defaults. Writes
+benchmarks/few_shot.md (results kept in benchmarks/few_shot.json; another --results file gets
+its own .md beside it). Each seed's embeddings are kept in --work for later analysis.
 """
 
 from __future__ import annotations
@@ -30,8 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.machine import cpu_model
-from benchmarks.quality import DEFAULTS, TEST_SHARE, categories
+from benchmarks.quality import ROWS, TEST_SHARE, categories, machine, row_folder
 from benchmarks.transfer import STAMPS, copy_split
 from models.bundle import Bundle
 from models.data import find_images
@@ -46,6 +49,7 @@ BACKBONE = "efficientnet_lite0"
 HELD_OUT = ("food", "plants", "vehicles")  # mid-sized categories, unlike one another
 SHOTS = (1, 5, 10)
 VOTERS = 10  # neighbours in the vote, /classify's default k
+DEFAULT_ROW = "letterbox, multi-similarity (defaults)"
 
 
 def encode(
@@ -53,12 +57,17 @@ def encode(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Embeddings and logits of every image of these class folders, and each one's class."""
     paths = [p for name in classes for p in find_images(folder / name)]
-    encoded = bundle.encode(paths, workers=2)
+    encoded = bundle.encode(paths, workers=min(os.cpu_count() or 1, 4))
     labels = np.asarray([p.parent.name for p in paths])
     return encoded.embeddings, encoded.logits, labels
 
 
-def run_seed(seed: int, stamps: Path, work: Path, reuse: Path | None) -> dict:
+def run_seed(
+    seed: int, stamps: Path, work: Path, reuse: Path | None, row: str, device: str
+) -> dict:
+    kind, overrides = ROWS[row]
+    if kind != "fine-tune" or "mirror" in overrides:
+        raise SystemExit(f"--row {row!r}: only rows that fine-tune, without mirror, are measured")
     classes = categories(stamps)
     trained = [c for c in classes if c not in HELD_OUT]
     data, test = copy_split(stamps, work / f"data-{seed}", TEST_SHARE, seed, classes)
@@ -66,17 +75,17 @@ def run_seed(seed: int, stamps: Path, work: Path, reuse: Path | None) -> dict:
     shutil.rmtree(part, ignore_errors=True)
     for name in trained:
         shutil.copytree(data / name, part / name)
-    config = TrainConfig(backbone=BACKBONE, device="cpu", seed=seed, **DEFAULTS)
-    few = work / f"bundle-{seed}"
+    config = TrainConfig(**{"backbone": BACKBONE, "device": device, "seed": seed, **overrides})
+    few = row_folder(work, f"{row} 7 classes", seed)
     if not BundleLayout(few).weights.is_file():
         train(part, few, config)
-    every = reuse / f"letterbox_multi-similarity-{seed}" if reuse else None  # its defaults row
+    every = row_folder(reuse, row, seed) if reuse else None  # the quality benchmark's bundle
     if every is None or not BundleLayout(every).weights.is_file():
-        every = work / f"all-classes-{seed}"
+        every = row_folder(work, f"{row} all classes", seed)
         if not BundleLayout(every).weights.is_file():
             train(data, every, config)
 
-    bundle = Bundle.load(few, "cpu")
+    bundle = Bundle.load(few, device)
     bundle.use_runtime("auto")
     test_emb, test_logits, test_labels = encode(bundle, test, classes)
     train_emb, _, train_labels = encode(bundle, data, classes)
@@ -84,12 +93,20 @@ def run_seed(seed: int, stamps: Path, work: Path, reuse: Path | None) -> dict:
     base = Classifier.of(bundle.config.classes, bundle.net.classifier, bundle.fingerprint)
     before = np.asarray(base.names)[test_logits.argmax(1)]
     result = {"trained before": float((before == test_labels)[~new].mean())}
+    result["machine"] = machine(device)
+    np.savez(  # for analyses beyond this script's
+        embeddings_file(work, row, seed),
+        test_emb=test_emb,
+        test_logits=test_logits,
+        test_labels=test_labels,
+        train_emb=train_emb,
+        train_labels=train_labels,
+        rows=bundle.net.classifier.weight.detach().cpu().numpy(),
+        temperature=base.temperature,
+        trained=np.asarray(base.trained),
+    )
 
-    rng = random.Random(seed)
-    for shots in SHOTS:
-        examples = {
-            name: rng.sample(list(np.flatnonzero(train_labels == name)), shots) for name in HELD_OUT
-        }
+    for shots, examples in draws(seed, train_labels).items():
         voters = np.concatenate(
             [np.flatnonzero(~np.isin(train_labels, HELD_OUT)), *examples.values()]
         )
@@ -103,7 +120,7 @@ def run_seed(seed: int, stamps: Path, work: Path, reuse: Path | None) -> dict:
         result[f"imprint {shots} trained"] = float((chosen == test_labels)[~new].mean())
         # Two ways tried to keep the trained classes' answers, not in the product: both trade
         # the new classes' top-1 for the trained ones' along about the same line.
-        trained_rows = _unit(bundle.net.classifier.weight.detach().numpy())
+        trained_rows = _unit(bundle.net.classifier.weight.detach().cpu().numpy())
         rows = np.stack([c.weight for c in added])
         sample, labels = train_emb[voters], train_labels[voters]
         shifts = _shifts(trained_rows, rows, sample, labels, base.trained)
@@ -120,7 +137,7 @@ def run_seed(seed: int, stamps: Path, work: Path, reuse: Path | None) -> dict:
         result[f"vote {shots} new"] = float((voted == test_labels)[new].mean())
         result[f"vote {shots} trained"] = float((voted == test_labels)[~new].mean())
 
-    retrained = Bundle.load(every, "cpu")
+    retrained = Bundle.load(every, device)
     retrained.use_runtime("auto")
     emb, logits, labels = encode(retrained, test, classes)
     answers = np.asarray(retrained.config.classes)[logits.argmax(1)]
@@ -128,6 +145,20 @@ def run_seed(seed: int, stamps: Path, work: Path, reuse: Path | None) -> dict:
     result["retrained new"] = float((answers == labels)[held].mean())
     result["retrained trained"] = float((answers == labels)[~held].mean())
     return result
+
+
+def embeddings_file(work: Path, row: str, seed: int) -> Path:
+    """Where a seed's embeddings are kept (benchmarks/few_shot_frontier.py reads them)."""
+    return work / f"{row_folder(work, f'{row} embeddings', seed).name}.npz"
+
+
+def draws(seed: int, train_labels: np.ndarray) -> dict[int, dict[str, list[int]]]:
+    """For each number of shots, the training images taken as each held-out class's examples."""
+    rng = random.Random(seed)
+    return {
+        shots: {n: rng.sample(list(np.flatnonzero(train_labels == n)), shots) for n in HELD_OUT}
+        for shots in SHOTS
+    }
 
 
 def _unit(rows: np.ndarray) -> np.ndarray:
@@ -163,10 +194,11 @@ def _fitted(
     labels: np.ndarray,
     names: list[str],
     temperature: float,
+    anchor: float = FIT_ANCHOR,
 ) -> np.ndarray:
     """The new rows fitted on the collection (its images and the examples): class-balanced
     cross-entropy over every class, the trained rows fixed, from the imprinted rows and held
-    near them (FIT_ANCHOR times the squared distance), FIT_STEPS Adam steps."""
+    near them (anchor times the squared distance), FIT_STEPS Adam steps."""
     import torch
     import torch.nn.functional as F
 
@@ -179,7 +211,7 @@ def _fitted(
     for _ in range(FIT_STEPS):
         logits = torch.cat([x @ fixed.T, x @ F.normalize(moving, dim=1).T], 1) / temperature
         loss = F.cross_entropy(logits, y, weight=weight.float())
-        loss = loss + FIT_ANCHOR * ((moving - start) ** 2).sum()
+        loss = loss + anchor * ((moving - start) ** 2).sum()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -203,16 +235,23 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/imgsim-few-shot"))
     parser.add_argument("--reuse", type=Path, help="the quality benchmark's --work folder")
     parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
+    parser.add_argument("--row", choices=ROWS, default=DEFAULT_ROW, help="how to train")
+    parser.add_argument("--device", default="cpu", help="train and embed here (cpu, cuda)")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="the results kept")
     args = parser.parse_args()
+    args.results = args.results.resolve()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("pyvips").setLevel(logging.WARNING)
     preload_in_workers("benchmarks.quality", "models.training")
-    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    kept = json.loads(args.results.read_text()) if args.results.is_file() else {}
+    results = kept.get(args.row, {})
     for seed in args.seeds:
         if f"{seed}" not in results:
-            results[f"{seed}"] = run_seed(seed, args.stamps, args.work, args.reuse)
-            RESULTS.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
-    write_table(results)
+            run = run_seed(seed, args.stamps, args.work, args.reuse, args.row, args.device)
+            results[f"{seed}"] = run
+            kept[args.row] = results
+            args.results.write_text(json.dumps(kept, indent=1, sort_keys=True) + "\n")
+    write_table(kept, args.results)
 
 
 def _cell(runs: list[dict], key: str) -> str:
@@ -221,19 +260,18 @@ def _cell(runs: list[dict], key: str) -> str:
     return f"{statistics.mean(values):.1f} ± {spread:.1f}"
 
 
-def write_table(results: dict) -> None:
-    runs = list(results.values())
-    retrained = _cell(runs, "retrained new")
+def write_table(kept: dict, path: Path = RESULTS) -> None:
+    """The .md beside the results file: the product's row first, then any other."""
     lines = [
         "# New classes from a few images (imprinting and the neighbour vote)",
         "",
-        "`python -m benchmarks.few_shot --reuse /tmp/imgsim-quality` (results kept in "
-        "`few_shot.json`)",
+        f"`python -m benchmarks.few_shot --reuse /tmp/imgsim-quality{_how(path, kept)}` (results "
+        f"kept in `{path.name}`)",
         "",
-        f"- The quality benchmark's split (`quality.md`), {len(runs)} seeds; {BACKBONE} trained "
-        f"with the defaults on 7 categories; {', '.join(HELD_OUT)} held out, then added from K "
-        "of their training images each. Top-1 over all 10 categories on the held-out test "
-        "drawings, mean ± standard deviation over the seeds, in per cent.",
+        f"- The quality benchmark's split (`quality.md`), {BACKBONE} trained on 7 categories; "
+        f"{', '.join(HELD_OUT)} held out, then added from K of their training images each. "
+        "Top-1 over all 10 categories on the held-out test drawings, mean ± standard deviation "
+        "over the seeds, in per cent.",
         "- Imprinting: the examples' mean less the collection's mean (the trained categories' "
         "training images and the examples), normalised, as a cosine-classifier row (the "
         f"product). Tried to keep the trained categories' answers: shifted, each new row's "
@@ -243,12 +281,33 @@ def write_table(results: dict) -> None:
         f"the imprinted rows with weight {FIT_ANCHOR}). Vote: the "
         f"{VOTERS} nearest among the trained categories' training images and the examples, "
         "similarity-weighted. Retrained: the model trained with all 10 categories "
-        "(the quality benchmark's defaults row).",
-        f"- The trained categories' top-1 before any was added: "
-        f"{_cell(runs, 'trained before')}; with every category trained: "
+        "(the quality benchmark's row of the same training).",
+    ]
+    order = sorted(kept, key=lambda row: row != DEFAULT_ROW)
+    for row in order:
+        title = f"## Trained as the quality benchmark's row {row!r}"
+        lines += ["", title, "", *_section(kept[row])]
+    path.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def _how(path: Path, kept: dict) -> str:
+    """The options that made these results."""
+    runs = [run for results in kept.values() for run in results.values()]
+    gpu = any(not run.get("machine", "CPU").startswith("CPU") for run in runs)
+    rows = " --row ROW" if set(kept) != {DEFAULT_ROW} else ""
+    results = f" --results benchmarks/{path.name}" if path != RESULTS else ""
+    return f"{' --device cuda' if gpu else ''}{results}{rows}"
+
+
+def _section(results: dict) -> list[str]:
+    runs = list(results.values())
+    machines = sorted({run.get("machine", "CPU only, 2 cores") for run in runs})
+    lines = [
+        f"- {len(runs)} seeds, on {'; '.join(machines)}. The trained categories' top-1 before "
+        f"any was added: {_cell(runs, 'trained before')}; with every category trained: "
         f"{_cell(runs, 'retrained trained')}. The new categories' top-1 when retrained: "
-        f"{retrained}.",
-        f"- CPU only, {os.cpu_count()} cores, {cpu_model()}.",
+        f"{_cell(runs, 'retrained new')}.",
         "",
         "| method | examples | new categories | against retraining | trained categories |",
         "|---|---|---|---|---|",
@@ -269,8 +328,7 @@ def write_table(results: dict) -> None:
                 f"| {_cell(runs, f'{method} {shots} new')} | {100 * share:.0f} % "
                 f"| {_cell(runs, f'{method} {shots} trained')} |"
             )
-    (HERE / "few_shot.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    return lines
 
 
 if __name__ == "__main__":

@@ -73,6 +73,9 @@ ROWS: dict[str, tuple[str, dict]] = {
     "defaults, top half of the trunk moves": ("fine-tune", {**DEFAULTS, "trunk_share": 0.5}),
     "defaults, efficientnet_lite1": ("fine-tune", {**DEFAULTS, "backbone": "efficientnet_lite1"}),
     "defaults, efficientnet_lite2": ("fine-tune", {**DEFAULTS, "backbone": "efficientnet_lite2"}),
+    "defaults, 288 px, mirror": ("fine-tune", {**DEFAULTS, "image_size": 288, "mirror": True}),
+    "defaults, margin 0.1": ("fine-tune", {**DEFAULTS, "margin": 0.1}),
+    "defaults, margin 0.25": ("fine-tune", {**DEFAULTS, "margin": 0.25}),
 }
 METRICS = ("top1", "recall@1", "map@r", "knn_top1", "answered", "precision")
 
@@ -88,7 +91,7 @@ def run_row(name: str, seed: int, data: Path, test: Path, work: Path, device: st
     kind, overrides = ROWS[name]
     overrides = dict(overrides)
     mirror = overrides.pop("mirror", False)
-    out = work / f"{name.replace(' ', '_').replace(',', '')}-{seed}"
+    out = row_folder(work, name, seed)
     started = time.perf_counter()
     if kind == "frozen":
         bundle = Bundle.pretrained(overrides.get("backbone", BACKBONE), "imagenet", device)
@@ -119,6 +122,11 @@ def run_row(name: str, seed: int, data: Path, test: Path, work: Path, device: st
         "train_s": train_s,
         "machine": machine(device),
     }
+
+
+def row_folder(work: Path, name: str, seed: int) -> Path:
+    """Where a row's bundle of one seed is kept under --work."""
+    return work / f"{name.replace(' ', '_').replace(',', '')}-{seed}"
 
 
 def _how(kept: Path, machines: set[str]) -> str:
