@@ -64,6 +64,7 @@ def change_classes(
                 added = [*current.added, added_from(name, embeddings, centre)]
             else:
                 added = [c.with_examples(embeddings) if c is found else c for c in current.added]
+        added = imprint.fit_in(current, added, gallery)
         gallery.keep_added_classes(imprint.dump(added))
         return current.replaced(added)
     finally:

@@ -70,7 +70,7 @@ class Service:
                 )
             # as kept now: another replica may have changed them since this one last looked
             self.classifier = self.classifier.replaced(imprint.load(gallery.added_classes()))
-            added = change(self.classifier)
+            added = imprint.fit_in(self.classifier, change(self.classifier), gallery)
             gallery.keep_added_classes(imprint.dump(added))
             self.classifier = self.classifier.replaced(added)
             return self.classifier

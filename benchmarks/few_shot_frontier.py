@@ -3,10 +3,10 @@ way of placing the new rows measured on the same embeddings (those benchmarks/fe
 keeps in its --work folder), so that the product's point can be seen on the curve.
 
 Per seed and number of examples, from the kept embeddings of the model trained on 7 categories:
-- imprinting (the product's rows) with every new row's cosine moved by a constant, from 0 (the
-  product) down: the lower the new rows, the fewer answers they take from the trained classes;
-- the new rows fitted on the collection at several strengths of the pull back to the imprinted
-  rows (benchmarks/few_shot.py's "fitted"; 1.0 is its row there);
+- imprinted rows with every new row's cosine moved by a constant, from 0 (imprinted alone)
+  down: the lower the new rows, the fewer answers they take from the trained classes;
+- the new rows fitted on the collection as the product fits them (models/imprint.py), at
+  several strengths of the pull back to the imprinted rows (1.0: the product's);
 - every row, trained ones too, the centred mean of its class's images (nearest class mean).
 Top-1 on the held-out test drawings, new and trained categories apart, mean ± standard
 deviation over the seeds; the issue's targets beside them.
@@ -23,11 +23,12 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.few_shot import DEFAULT_ROW, HELD_OUT, _fitted, _unit, draws, embeddings_file
+from benchmarks.few_shot import DEFAULT_ROW, HELD_OUT, _unit, draws, embeddings_file
+from models.imprint import fit_rows
 
 HERE = Path(__file__).parent
 SHIFTS = (0.0, -0.02, -0.04, -0.06, -0.08)
-ANCHORS = (3.0, 1.0, 0.3)
+PULLS = (3.0, 1.0, 0.3)  # 1.0: the product's
 
 
 def _points(kept: np.lib.npyio.NpzFile, seed: int) -> dict[tuple[str, int], tuple[float, float]]:
@@ -52,12 +53,17 @@ def _points(kept: np.lib.npyio.NpzFile, seed: int) -> dict[tuple[str, int], tupl
         added = _unit(np.stack([train_emb[r].mean(0) - centre for r in examples.values()]))
         for shift in SHIFTS:
             scores = np.concatenate([test_emb @ rows.T, test_emb @ added.T + shift], axis=1)
-            points[(f"imprinting, cosine {shift:+.2f}", shots)] = top1(scores)
-        sample, labels = train_emb[voters], train_labels[voters]
-        for anchor in ANCHORS:
-            fitted = _fitted(rows, added, sample, labels, list(names), temperature, anchor)
+            points[(f"imprinted, cosine {shift:+.2f}", shots)] = top1(scores)
+        # the product's fit (models/imprint.py) at other pulls: trained images, mean examples
+        collection = ~np.isin(train_labels, HELD_OUT)
+        means = [train_emb[r].mean(0) for r in examples.values()]
+        sample = np.concatenate([train_emb[collection], means])
+        index = {name: i for i, name in enumerate(names)}
+        targets = np.asarray([index[n] for n in [*train_labels[collection], *examples]])
+        for pull in PULLS:
+            fitted = fit_rows(rows, added, sample, targets, temperature, pull)
             scores = np.concatenate([test_emb @ rows.T, test_emb @ fitted.T], axis=1)
-            points[(f"fitted, pull {anchor}", shots)] = top1(scores)
+            points[(f"fitted, pull {pull}", shots)] = top1(scores)
         means = _unit(np.stack([train_emb[train_labels == n].mean(0) - centre for n in trained]))
         scores = np.concatenate([test_emb @ means.T, test_emb @ added.T], axis=1)
         points[("every row a class mean", shots)] = top1(scores)

@@ -1,5 +1,6 @@
 """The reads of a collection that its item store answers alone, without FAISS or its lock:
-items by id or a page at a time, content hashes, labels, the mean embedding, the added classes.
+items by id or a page at a time, content hashes, labels, the mean embedding, a sample of the
+labelled embeddings, the added classes.
 GalleryIndex (index/gallery.py) is one."""
 
 from __future__ import annotations
@@ -48,6 +49,12 @@ class StoredItems:
     def mean_embedding(self) -> np.ndarray:
         """The mean of every stored embedding (float64; zeros when there are none)."""
         return self.store.mean_embedding(self.dim)
+
+    def labelled_sample(self, images: int) -> tuple[np.ndarray, np.ndarray]:
+        """The labels and embeddings of about `images` labelled items, as many of each label
+        (those first added): what new classes' rows are fitted against (models/imprint.py)."""
+        labels = [label for label in self.labels() if label is not None]
+        return self.store.labelled_sample(self.dim, max(1, images // max(len(labels), 1)))
 
     def added_classes(self) -> str | None:
         """The classes added from examples (models/imprint.py's JSON), kept with the collection

@@ -277,6 +277,20 @@ class BaseItemStore(ABC):
             count += len(vectors)
         return total / max(count, 1)
 
+    def labelled_sample(self, dim: int, per_label: int) -> tuple[np.ndarray, np.ndarray]:
+        """The labels and embeddings of at most per_label items of each label (the first
+        added), labelled items only."""
+        with self._reading() as db:
+            rows = db.execute(
+                "SELECT label, embedding FROM (SELECT label, embedding, ROW_NUMBER() OVER "
+                "(PARTITION BY label ORDER BY id) AS n FROM items WHERE label IS NOT NULL) "
+                "AS firsts WHERE n <= ? ORDER BY label, n",
+                (per_label,),
+            ).fetchall()
+        labels = np.asarray([row[0] for row in rows], dtype=object)
+        vectors = np.frombuffer(b"".join(bytes(row[1]) for row in rows), dtype=np.float32)
+        return labels, vectors.reshape(len(rows), dim)
+
     def labels(self) -> dict[str | None, int]:
         """How many items carry each label."""
         with self._reading() as db:

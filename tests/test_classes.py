@@ -198,8 +198,45 @@ def test_imprinted_rows_are_normalised_means_on_the_trained_scale() -> None:
     )
 
 
+def test_fitted_rows_give_the_trained_classes_their_images_back() -> None:
+    """A new class drawn close to a trained one takes some of its images when imprinted; fitted
+    on the collection it gives them back, still answers for its own examples, and stays near
+    where imprinting put it. Kept with the classes; without labelled images of the trained
+    classes there is nothing to keep, and the row stays imprinted."""
+    rng = np.random.default_rng(0)
+    axes = np.eye(16)
+    near_a = _normalised(axes[0] + 1.2 * axes[2] + 0.25 * rng.normal(size=(40, 16)))
+    near_b = _normalised(axes[1] + 0.25 * rng.normal(size=(40, 16)))
+    examples = _normalised(axes[2] + 0.5 * axes[0] + 0.25 * rng.normal(size=(5, 16)))
+    rows = axes[:2].astype(np.float32)
+    trained = Classifier(("a", "b"), (), 0.05, "f", rows)
+    imprinted = [added_from("c", examples, np.concatenate([near_a, near_b, examples]).mean(0))]
+    labels = np.asarray(["a"] * 40 + ["b"] * 40, dtype=object)
+    sample = np.concatenate([near_a, near_b]).astype(np.float32)
+    fitted = trained.fitted(imprinted, labels, sample)
+
+    def own_answers(added: list[AddedClass], images: np.ndarray) -> np.ndarray:
+        classifier = trained.replaced(added)
+        scores = classifier.probabilities(images @ rows.T / 0.05, images)
+        return np.asarray(classifier.names)[scores.argmax(1)]
+
+    before = (own_answers(imprinted, sample) == labels).mean()
+    after = (own_answers(fitted, sample) == labels).mean()
+    assert before < 0.95 and after > before + 0.04
+    assert own_answers(fitted, examples.mean(0, keepdims=True)).tolist() == ["c"]
+    assert float(fitted[0].weight @ imprinted[0].weight) > 0.95
+    assert fitted[0].weight.tolist() != imprinted[0].weight.tolist()
+    kept = AddedClass.from_dict(fitted[0].to_dict())
+    assert kept.weight.tolist() == fitted[0].weight.tolist()
+    assert trained.replaced([kept]).version == trained.replaced(fitted).version
+    unlabelled = trained.fitted(fitted, np.asarray(["other"] * 80, dtype=object), sample)
+    assert unlabelled[0].weight.tolist() == imprinted[0].weight.tolist()
+    grown = fitted[0].with_examples(examples[:1])  # to be fitted again, from its new mean
+    assert grown.fitted is None
+
+
 def _normalised(vector: np.ndarray) -> np.ndarray:
-    return vector / np.linalg.norm(vector)
+    return vector / np.linalg.norm(vector, axis=-1, keepdims=True)
 
 
 def test_neighbour_vote_shares() -> None:

@@ -65,6 +65,16 @@ def ids_of(found: list) -> list[list[int]]:
     return [[n.id for n in row] for row in found]
 
 
+def test_a_labelled_sample_takes_the_first_of_each_label(gallery: GalleryIndex) -> None:
+    """What classes added from examples are fitted against (models/imprint.py): as many of
+    each label, the first added, as stored; unlabelled items are not in it."""
+    gallery.add(unit_vectors(3, 16, seed=2), [NewItem(f"/u/{i}.png", None) for i in range(3)])
+    labels, embeddings = gallery.labelled_sample(20)
+    assert sorted(labels.tolist()) == ["even"] * 10 + ["odd"] * 10
+    np.testing.assert_array_equal(embeddings[labels == "even"], VECTORS[0:20:2])
+    np.testing.assert_array_equal(embeddings[labels == "odd"], VECTORS[1:21:2])
+
+
 def test_search_equals_brute_force(gallery: GalleryIndex) -> None:
     queries = unit_vectors(5, 16, seed=1)
     found = gallery.search(queries, 7)
