@@ -280,11 +280,11 @@ class BaseItemStore(ABC):
     def labelled_sample(self, dim: int, per_label: int) -> tuple[np.ndarray, np.ndarray]:
         """The labels and embeddings of at most per_label items of each label (the first
         added), labelled items only."""
-        with self._reading() as db:
+        with self._reading() as db:  # the ids chosen first: no embedding read that is not kept
             rows = db.execute(
-                "SELECT label, embedding FROM (SELECT label, embedding, ROW_NUMBER() OVER "
-                "(PARTITION BY label ORDER BY id) AS n FROM items WHERE label IS NOT NULL) "
-                "AS firsts WHERE n <= ? ORDER BY label, n",
+                "SELECT label, embedding FROM items WHERE id IN (SELECT id FROM (SELECT id, "
+                "ROW_NUMBER() OVER (PARTITION BY label ORDER BY id) AS n FROM items "
+                "WHERE label IS NOT NULL) AS firsts WHERE n <= ?) ORDER BY label, id",
                 (per_label,),
             ).fetchall()
         labels = np.asarray([row[0] for row in rows], dtype=object)
