@@ -171,7 +171,7 @@ class Classifier:
         self, added: Sequence[AddedClass], labels: np.ndarray, embeddings: np.ndarray
     ) -> list[AddedClass]:
         """The added classes with their rows fitted together on the collection's labelled
-        images (labels and unit embeddings, Gallery.labelled_sample); imprinted where the
+        images (labels and unit embeddings, StoredItems.labelled_sample); imprinted where the
         collection holds no image of a trained class (there are no answers to keep)."""
         ours = np.isin(labels, self.trained)
         if not added or self.rows is None or self.temperature is None or not ours.any():
@@ -179,9 +179,7 @@ class Classifier:
         names = [*self.trained, *(c.name for c in added)]
         index = {name: i for i, name in enumerate(names)}
         sample = np.concatenate([embeddings[ours], [c.total / c.examples for c in added]])
-        targets = [index[label] for label in labels[ours]] + list(
-            range(len(self.trained), len(names))
-        )
+        targets = [index[label] for label in labels[ours]] + [index[c.name] for c in added]
         start = np.stack([c.imprinted for c in added])
         rows = fit_rows(self.rows, start, sample, np.asarray(targets), self.temperature)
         return [replace(c, fitted=row) for c, row in zip(added, rows, strict=True)]
