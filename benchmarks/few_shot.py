@@ -3,8 +3,9 @@ retraining with every class, on the quality benchmark (benchmarks/quality.py's s
 
 Per seed: the quality split of the 10 Tux Paint categories; the model is trained with the
 defaults on all but HELD_OUT; then each held-out class is added from K of its training images
-(K = 1, 5, 10, drawn with the seed), by imprinting (POST /classes: the examples' mean
-embedding less the collection's, normalised, as a classifier row) and by the neighbour vote
+(K = 1, 5, 10, drawn with the seed) as POST /classes adds it (models/imprint.py: imprinted,
+the examples' mean embedding less the collection's, normalised, as a classifier row; then
+fitted on the collection), imprinted alone (without the fit), and by the neighbour vote
 (/classify?by=neighbours: the 10 nearest of the trained classes' training images and the K
 examples, similarity-weighted).
 Top-1 over all 10 classes on the held-out test drawings, for the new classes and for the trained
@@ -18,7 +19,8 @@ bundle is there, else trained here).
 
 --row trains with another of the quality benchmark's rows than its defaults. Writes
 benchmarks/few_shot.md (results kept in benchmarks/few_shot.json; another --results file gets
-its own .md beside it). Each seed's embeddings are kept in --work for later analysis.
+its own .md beside it). Each seed's embeddings are kept in --work: --remeasure measures
+again from them, without training (after a change to models/imprint.py).
 """
 
 from __future__ import annotations
