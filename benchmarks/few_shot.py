@@ -45,6 +45,7 @@ from models.imprint import (
     FIT_IMAGES,
     FIT_PULL,
     FIT_STEPS,
+    AddedClass,
     Classifier,
     added_from,
     fit_rows,
@@ -159,9 +160,7 @@ def measure(kept: np.lib.npyio.NpzFile, seed: int) -> dict:
 
     collection = ~np.isin(train_labels, HELD_OUT)  # the trained classes' labelled images
     for shots, examples in draws(seed, train_labels).items():
-        voters = np.concatenate([np.flatnonzero(collection), *examples.values()])
-        centre = train_emb[voters].mean(0)  # the collection's mean, the examples in it
-        added = [added_from(name, train_emb[rows], centre) for name, rows in examples.items()]
+        voters, added = imprinted(train_emb, train_labels, examples)
         fitted = base.fitted(added, train_labels[collection], train_emb[collection])
         for method, classes in (("imprint", added), ("fitted", fitted)):
             classifier = base.replaced(classes)
@@ -169,6 +168,17 @@ def measure(kept: np.lib.npyio.NpzFile, seed: int) -> dict:
             top1(method, shots, np.asarray(classifier.names)[scores.argmax(1)])
         top1("vote", shots, _vote(test_emb, train_emb[voters], train_labels[voters]))
     return result
+
+
+def imprinted(
+    train_emb: np.ndarray, train_labels: np.ndarray, examples: dict[str, list[int]]
+) -> tuple[np.ndarray, list[AddedClass]]:
+    """The collection's images (the trained classes' training images and the examples) and
+    the held-out classes imprinted from their examples against its mean, as POST /classes."""
+    collection = np.flatnonzero(~np.isin(train_labels, HELD_OUT))
+    voters = np.concatenate([collection, *examples.values()])
+    centre = train_emb[voters].mean(0)
+    return voters, [added_from(name, train_emb[rows], centre) for name, rows in examples.items()]
 
 
 def _vote(queries: np.ndarray, gallery: np.ndarray, labels: np.ndarray) -> np.ndarray:

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.few_shot import DEFAULT_ROW, HELD_OUT, _unit, draws, embeddings_file
-from models.imprint import fit_rows
+from benchmarks.few_shot import DEFAULT_ROW, HELD_OUT, _unit, draws, embeddings_file, imprinted
+from models.imprint import Classifier
 
 HERE = Path(__file__).parent
 SHIFTS = (0.0, -0.02, -0.04, -0.06, -0.08)
@@ -35,8 +35,9 @@ def _points(kept: np.lib.npyio.NpzFile, seed: int) -> dict[tuple[str, int], tupl
     """(method, shots) -> (new classes' top-1, trained classes' top-1) on one seed."""
     test_emb, test_labels = kept["test_emb"], kept["test_labels"]
     train_emb, train_labels = kept["train_emb"], kept["train_labels"]
-    rows, temperature = _unit(kept["rows"]), float(kept["temperature"])
+    rows = _unit(kept["rows"])
     trained = list(kept["trained"])
+    base = Classifier(tuple(trained), (), float(kept["temperature"]), "", rows)
     names = np.asarray([*trained, *HELD_OUT])
     new = np.isin(test_labels, HELD_OUT)
 
@@ -44,28 +45,24 @@ def _points(kept: np.lib.npyio.NpzFile, seed: int) -> dict[tuple[str, int], tupl
         right = names[scores.argmax(1)] == test_labels
         return float(right[new].mean()), float(right[~new].mean())
 
+    def with_rows(added: np.ndarray, shift: float = 0.0) -> tuple[float, float]:
+        return top1(np.concatenate([test_emb @ rows.T, test_emb @ added.T + shift], axis=1))
+
+    collection = ~np.isin(train_labels, HELD_OUT)
     points = {}
     for shots, examples in draws(seed, train_labels).items():
-        voters = np.concatenate(
-            [np.flatnonzero(~np.isin(train_labels, HELD_OUT)), *examples.values()]
-        )
-        centre = train_emb[voters].mean(0)
-        added = _unit(np.stack([train_emb[r].mean(0) - centre for r in examples.values()]))
+        voters, added = imprinted(train_emb, train_labels, examples)
+        start = np.stack([c.imprinted for c in added])
         for shift in SHIFTS:
-            scores = np.concatenate([test_emb @ rows.T, test_emb @ added.T + shift], axis=1)
-            points[(f"imprinted, cosine {shift:+.2f}", shots)] = top1(scores)
-        # the product's fit (models/imprint.py) at other pulls: trained images, mean examples
-        collection = ~np.isin(train_labels, HELD_OUT)
-        means = [train_emb[r].mean(0) for r in examples.values()]
-        sample = np.concatenate([train_emb[collection], means])
-        index = {name: i for i, name in enumerate(names)}
-        targets = np.asarray([index[n] for n in [*train_labels[collection], *examples]])
-        for pull in PULLS:
-            fitted = fit_rows(rows, added, sample, targets, temperature, pull)
-            scores = np.concatenate([test_emb @ rows.T, test_emb @ fitted.T], axis=1)
-            points[(f"fitted, pull {pull}", shots)] = top1(scores)
+            points[(f"imprinted, cosine {shift:+.2f}", shots)] = with_rows(start, shift)
+        for pull in PULLS:  # the product's fit (models/imprint.py) at other pulls
+            fitted = base.fitted(added, train_labels[collection], train_emb[collection], pull)
+            points[(f"fitted, pull {pull}", shots)] = with_rows(
+                np.stack([c.weight for c in fitted])
+            )
+        centre = train_emb[voters].mean(0)
         means = _unit(np.stack([train_emb[train_labels == n].mean(0) - centre for n in trained]))
-        scores = np.concatenate([test_emb @ means.T, test_emb @ added.T], axis=1)
+        scores = np.concatenate([test_emb @ means.T, test_emb @ start.T], axis=1)
         points[("every row a class mean", shots)] = top1(scores)
     return points
 

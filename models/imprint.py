@@ -168,7 +168,11 @@ class Classifier:
         return replace(self, added=tuple(added))
 
     def fitted(
-        self, added: Sequence[AddedClass], labels: np.ndarray, embeddings: np.ndarray
+        self,
+        added: Sequence[AddedClass],
+        labels: np.ndarray,
+        embeddings: np.ndarray,
+        pull: float = FIT_PULL,
     ) -> list[AddedClass]:
         """The added classes with their rows fitted together on the collection's labelled
         images (labels and unit embeddings, StoredItems.labelled_sample); imprinted where the
@@ -181,7 +185,7 @@ class Classifier:
         sample = np.concatenate([embeddings[ours], [c.total / c.examples for c in added]])
         targets = [index[label] for label in labels[ours]] + [index[c.name] for c in added]
         start = np.stack([c.imprinted for c in added])
-        rows = fit_rows(self.rows, start, sample, np.asarray(targets), self.temperature)
+        rows = fit_rows(self.rows, start, sample, np.asarray(targets), self.temperature, pull)
         return [replace(c, fitted=row) for c, row in zip(added, rows, strict=True)]
 
     def probabilities(self, logits: np.ndarray, embeddings: np.ndarray) -> np.ndarray:
