@@ -1,5 +1,6 @@
-"""Worker processes after the parent has run libvips: train, eval and index finish with the
-default workers on a folder with large scans, and workers log as the parent does."""
+"""Worker processes after the parent has run libvips: train, eval and index (in process and on
+Ray) finish with the default workers on a folder with large scans, and workers log as the
+parent does."""
 
 from __future__ import annotations
 
@@ -72,6 +73,11 @@ def test_train_eval_and_index_finish_with_default_workers_after_libvips_ran(
     _imgsim(primer, ["index", str(data), "--model", str(bundle)], timeout=180)
     gallery = GalleryIndex.load(bundle / "index")
     assert len(gallery) == 18  # the scans among them
+
+    # Ray's workers too, started by a driver whose libvips has run
+    ray = ["index", str(data), "--model", str(bundle), "--out", str(tmp_path / "ray")]
+    _imgsim(primer, [*ray, "--engine", "ray"], timeout=300)
+    assert len(GalleryIndex.load(tmp_path / "ray")) == 18
 
     report_dir = tmp_path / "eval"
     _imgsim(primer, ["eval", str(data), "--model", str(bundle), "--out", str(report_dir)], 180)
